@@ -1,0 +1,81 @@
+"""Plain-numpy twins of `kernels.features`: slow, obvious, and the definition tests hold the kernels to."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def bm25_accumulate(q_indptr, q_tokens, csc_indptr, csc_indices, csc_data, n_docs):
+    out = np.zeros((len(q_indptr) - 1, n_docs), dtype=np.float32)
+    for q in range(len(q_indptr) - 1):
+        for t in q_tokens[q_indptr[q] : q_indptr[q + 1]]:
+            if t >= 0:
+                sl = slice(csc_indptr[t], csc_indptr[t + 1])
+                np.add.at(out[q], csc_indices[sl], csc_data[sl])
+    return out
+
+
+def topn_masked(scores, mask, n):
+    ok = scores > 0
+    if len(mask):
+        ok &= mask.astype(bool)
+    idx = np.flatnonzero(ok)
+    order = np.lexsort((idx, -scores[idx]))
+    return idx[order][:n].astype(np.int64)
+
+
+def _share(needles, haystack):
+    """Share of needles (distinct ids) found in haystack; 0 for no needles."""
+    if len(needles) == 0:
+        return 0.0
+    return np.isin(needles, haystack).sum() / len(needles)
+
+
+def rank_features(q_indptr, q_tokens, cand_offsets, cand_items, dense, lexical, title_indptr,
+                  title_tokens, item_category, item_brand, cat_indptr, cat_tokens, brand_indptr,
+                  brand_tokens, price, popularity):
+    out = np.zeros((len(cand_items), 7), dtype=np.float32)
+    for q in range(len(q_indptr) - 1):
+        query = q_tokens[q_indptr[q] : q_indptr[q + 1]]
+        s, e = cand_offsets[q], cand_offsets[q + 1]
+        best = max(lexical[s:e].max(initial=0.0), 0.0)
+        for j in range(s, e):
+            it = cand_items[j]
+            title = title_tokens[title_indptr[it] : title_indptr[it + 1]]
+            out[j, 0] = dense[j]
+            out[j, 1] = lexical[j] / best if best > 0 else 0.0
+            out[j, 2] = np.isin(query, title).sum() / len(query) if len(query) else 0.0
+            c, b = item_category[it], item_brand[it]
+            if c >= 0:
+                out[j, 3] = _share(cat_tokens[cat_indptr[c] : cat_indptr[c + 1]], query)
+            if b >= 0:
+                out[j, 4] = _share(brand_tokens[brand_indptr[b] : brand_indptr[b + 1]], query)
+            out[j, 5] = np.log1p(price[it]) if np.isfinite(price[it]) and price[it] > 0 else 0.0
+            out[j, 6] = popularity[it]
+    return out
+
+
+def similar_features(src_category, src_brand, cand_items, dense, item_category, item_brand, popularity):
+    out = np.zeros((len(cand_items), 4), dtype=np.float32)
+    out[:, 0] = dense
+    if src_category >= 0:
+        out[:, 1] = item_category[cand_items] == src_category
+    if src_brand >= 0:
+        out[:, 2] = item_brand[cand_items] == src_brand
+    out[:, 3] = popularity[cand_items]
+    return out
+
+
+def linear_scores(features, weights, bias):
+    return (features.astype(np.float32) @ weights.astype(np.float32) + np.float32(bias)).astype(np.float32)
+
+
+def topk_segments(scores, offsets, ks):
+    out_offsets = [0]
+    positions = []
+    for q in range(len(offsets) - 1):
+        s, e = offsets[q], offsets[q + 1]
+        pos = np.arange(s, e)
+        order = np.lexsort((pos, -scores[s:e]))[: ks[q]]
+        positions.extend(pos[order])
+        out_offsets.append(out_offsets[-1] + len(order))
+    return np.asarray(out_offsets, dtype=np.int64), np.asarray(positions, dtype=np.int64)

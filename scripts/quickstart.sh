@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up, build the sample bundle from training/sample, serve it.
+#   bash scripts/quickstart.sh [extra server flags, e.g. --port 50052]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. scripts/env.sh
+if [ ! -f bundles/sample/manifest.json ]; then
+  python -m training build --catalog training/sample/catalog.jsonl --out bundles/sample --name sample
+fi
+exec python -m server --bundle bundles/sample --port 50051 "$@"

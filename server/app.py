@@ -1,0 +1,87 @@
+"""Wire the gRPC server: device policy, bundle runtime, service, health, reflection, shutdown.
+
+`create_server(config) -> (server, port)` starts a server on the running event loop; tests bind
+port 0. Shutdown: health NOT_SERVING -> stop accepting -> in-flight calls finish within the grace
+period -> the batcher drains -> executors stop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.encoding import resolve_device, resolve_dtype
+from server.config import ServerConfig
+from server.runtime import RuntimeHolder
+from server.service import SearchRecommendService, add_to_server
+from server.stubs import SERVICE_NAME
+
+log = logging.getLogger(__name__)
+
+
+class SearchrecServer:
+    """A running searchrec server: the grpc.aio server plus what it serves."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        # Fails fast (DeviceError) when cuda is asked for and absent: never a silent fallback.
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(self.device, config.dtype)
+        # One compute thread: batches run one at a time, off the event loop; loading has its own.
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        self.holder = RuntimeHolder(config, self.device, self.dtype, self.compute, self.loader)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        started = time.monotonic()
+        log.info("device %s, dtype %s", self.device, self.dtype)
+        await self.holder.load_initial(self.config.bundle)  # BundleError: refuse to start
+        opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes)]
+        server = grpc.aio.server(options=opts)
+        add_to_server(SearchRecommendService(self.holder, started), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.grpc_server, self.port = server, port
+        log.info("serving %s on %s:%d (%.1fs to SERVING)", self.holder.current.version, self.config.host, port,
+                 time.monotonic() - started)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so balancers move away
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace)
+        await self.holder.close()
+        self.compute.shutdown(wait=True)
+        self.loader.shutdown(wait=True)
+
+    async def wait_for_termination(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.wait_for_termination()
+
+
+async def create_server(config: ServerConfig) -> tuple[SearchrecServer, int]:
+    """Build and start a server on the running loop; returns it and the bound port."""
+    server = SearchrecServer(config)
+    try:
+        port = await server.start()
+    except BaseException:
+        server.compute.shutdown(wait=False)
+        server.loader.shutdown(wait=False)
+        raise
+    return server, port

@@ -1,0 +1,215 @@
+"""A model-agnostic dynamic batcher for asyncio servers.
+
+Callers `submit` one item and await its result; a worker task gathers up to `max_batch_size` items
+(waiting at most `max_delay_ms` after the first one arrived), drops work whose caller has gone
+(cancelled) or whose deadline has passed (never computed), runs the batch function in an executor
+thread so the event loop keeps accepting, and hands each caller its own result. A batch that fails
+fails only its own callers. The queue is bounded: a full queue is rejected at once (`Overloaded`).
+The batcher knows nothing about models: it takes a callable `list[T] -> list[R]`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Generic, TypeVar
+
+from server.errors import DeadlineExpired, Overloaded, Unavailable
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatcherStats:
+    """Cumulative counters; updated on the event loop thread only."""
+
+    batches_run: int = 0
+    items_computed: int = 0
+    queue_s_total: float = 0.0
+    compute_s_total: float = 0.0
+    done: int = 0
+    rejected: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items_computed / self.batches_run if self.batches_run else 0.0
+
+    @property
+    def mean_queue_ms(self) -> float:
+        return 1000 * self.queue_s_total / self.items_computed if self.items_computed else 0.0
+
+    @property
+    def mean_compute_ms(self) -> float:
+        return 1000 * self.compute_s_total / self.batches_run if self.batches_run else 0.0
+
+
+@dataclass(frozen=True)
+class BatchResult(Generic[R]):
+    """One caller's result and how it was obtained."""
+
+    value: R
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+
+class _Entry:
+    __slots__ = ("item", "future", "deadline", "enqueued")
+
+    def __init__(self, item, future: asyncio.Future, deadline: float | None, enqueued: float) -> None:
+        self.item = item
+        self.future = future
+        self.deadline = deadline
+        self.enqueued = enqueued
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Gather concurrent submissions into batches for `fn` (see module docstring)."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], list[R]],
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue: int,
+        executor: Executor | None = None,
+        stats: BatcherStats | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if not callable(fn):
+            raise TypeError("fn must be callable")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self.executor = executor
+        self.stats = stats if stats is not None else BatcherStats()
+        self.name = name
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the worker task on the running loop (idempotent)."""
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def submit(self, item: T, deadline: float | None = None) -> BatchResult[R]:
+        """Queue item and wait for its result. deadline is absolute, in `time.monotonic()` seconds."""
+        if self._closing:
+            raise Unavailable(f"{self.name} is shutting down")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self.stats.expired += 1
+            raise DeadlineExpired("the deadline had passed before the request was queued")
+        if len(self._queue) >= self.max_queue:
+            self.stats.rejected += 1
+            raise Overloaded(f"server overloaded: the queue is full ({self.max_queue} requests waiting); retry later")
+        self.start()
+        entry = _Entry(item, asyncio.get_running_loop().create_future(), deadline, now)
+        self._queue.append(entry)
+        self._wakeup.set()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # The caller has gone: free its slot at once rather than computing for nobody.
+            try:
+                self._queue.remove(entry)
+            except ValueError:
+                pass  # already taken into a batch; its result will be discarded
+            self.stats.cancelled += 1
+            raise
+
+    async def close(self) -> None:
+        """Stop accepting, finish what is queued, and stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+
+    async def _next_batch(self) -> list[_Entry]:
+        """Wait for work, then for a full batch or the first item's delay to run out."""
+        while not self._queue:
+            if self._closing:
+                return []
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        close_at = self._queue[0].enqueued + self.max_delay_s
+        while len(self._queue) < self.max_batch_size and not self._closing:
+            remaining = close_at - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        batch = []
+        now = time.monotonic()
+        while self._queue and len(batch) < self.max_batch_size:
+            entry = self._queue.popleft()
+            if entry.future.done():
+                continue  # cancelled while queued
+            if entry.deadline is not None and entry.deadline <= now:
+                self.stats.expired += 1
+                entry.future.set_exception(DeadlineExpired("the deadline passed while the request was queued"))
+                continue
+            batch.append(entry)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                if self._closing and not self._queue:
+                    return
+                continue
+            started = time.monotonic()
+            items = [e.item for e in batch]
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, items)
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"{self.name}: batch function returned {len(results)} results for {len(batch)} items"
+                    )
+            except Exception as exc:  # fail this batch's callers only; the worker carries on
+                log.exception("%s: batch of %d failed", self.name, len(batch))
+                self.stats.failed += len(batch)
+                for e in batch:
+                    if not e.future.done():
+                        e.future.set_exception(exc)
+                continue
+            finished = time.monotonic()
+            compute_s = finished - started
+            self.stats.batches_run += 1
+            self.stats.items_computed += len(batch)
+            self.stats.compute_s_total += compute_s
+            self.stats.batch_sizes[len(batch)] += 1
+            for e, value in zip(batch, results):
+                queue_s = started - e.enqueued
+                self.stats.queue_s_total += queue_s
+                if not e.future.done():
+                    self.stats.done += 1
+                    e.future.set_result(BatchResult(value, queue_s, compute_s, len(batch)))

@@ -1,0 +1,243 @@
+"""Load and verify an artifact bundle: manifest, schema version, checksums, shapes.
+
+`load_bundle` either returns a complete, consistent `Bundle` or raises `BundleError` with a message
+that says what is wrong and where; the server refuses to serve anything less. Files are read with
+safe loaders only (npy/npz without pickle, parquet, json, FAISS's own format, safetensors).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from common import bundle_format as bf
+from common.text import tokenize
+from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
+
+log = logging.getLogger(__name__)
+
+
+class BundleError(Exception):
+    """The bundle cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """Columnar item store; row i is the item at position i of the vectors and indexes."""
+
+    ids: list[str]
+    id_to_row: dict[str, int]
+    titles: list[str]
+    categories: list[str]
+    brands: list[str]
+    price: np.ndarray  # float32, NaN = unknown
+    in_stock: np.ndarray  # bool
+    category_id: np.ndarray  # int32 into category_names, -1 = none
+    brand_id: np.ndarray  # int32 into brand_names, -1 = none
+    category_index: dict[str, int]  # lower-cased name -> id
+    brand_index: dict[str, int]
+    cat_indptr: np.ndarray  # token ids of each category name (CSR, sorted)
+    cat_tokens: np.ndarray
+    brand_indptr: np.ndarray
+    brand_tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class LexicalIndex:
+    """BM25 term->document scores (CSC) and the title tokens of each item (CSR), one vocabulary."""
+
+    vocab: dict[str, int]
+    bm25_indptr: np.ndarray
+    bm25_indices: np.ndarray
+    bm25_data: np.ndarray
+    title_indptr: np.ndarray
+    title_tokens: np.ndarray
+
+    def token_ids(self, text: str) -> np.ndarray:
+        """Distinct token ids of text, sorted; -1 stands for any word outside the vocabulary."""
+        ids = {self.vocab.get(t, -1) for t in tokenize(text)}
+        return np.array(sorted(ids), dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """Linear scoring weights for Search and for SimilarItems, in the kernels' feature order."""
+
+    features: tuple[str, ...]
+    weights: np.ndarray
+    bias: float
+    similar_features: tuple[str, ...]
+    similar_weights: np.ndarray
+    similar_bias: float
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    version: str
+    items: ItemTable
+    vectors: np.ndarray  # float32 [n, dims], L2-normalised
+    index: faiss.Index
+    index_type: str
+    lexical: LexicalIndex
+    reranker: Reranker
+    popularity: np.ndarray  # float32 [n] in [0, 1]
+    encoder_dir: Path
+    encoder: dict[str, Any]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise BundleError(message)
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Check that every file the manifest lists exists with the recorded sha256."""
+    files = manifest.get("files")
+    _require(isinstance(files, dict) and files, f"{root}: manifest lists no files")
+    for rel, expected in files.items():
+        path = root / rel
+        _require(path.is_file(), f"{root}: file {rel} is missing")
+        actual = bf.sha256_file(path)
+        _require(actual == expected, f"{root}: checksum mismatch for {rel} (expected {expected[:12]}…, got {actual[:12]}…)")
+
+
+def _token_csr(names: list[str], vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    lists = [sorted({vocab[t] for t in tokenize(n) if t in vocab}) for n in names]
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    return indptr, np.array([t for x in lists for t in x], dtype=np.int32)
+
+
+def _encode_names(values: list[str]) -> tuple[np.ndarray, dict[str, int], list[str]]:
+    index: dict[str, int] = {}
+    names: list[str] = []
+    ids = np.full(len(values), -1, dtype=np.int32)
+    for i, value in enumerate(values):
+        if not value:
+            continue
+        key = value.strip().lower()
+        if key not in index:
+            index[key] = len(names)
+            names.append(value)
+        ids[i] = index[key]
+    return ids, index, names
+
+
+def _load_items(root: Path, manifest: dict[str, Any], vocab: dict[str, int]) -> ItemTable:
+    df = pd.read_parquet(root / manifest["items"]["file"])
+    missing = {"item_id", "title", "category", "brand", "price", "in_stock"} - set(df.columns)
+    _require(not missing, f"{root}: items table lacks columns {sorted(missing)}")
+    ids = df["item_id"].astype(str).tolist()
+    _require(len(set(ids)) == len(ids), f"{root}: items table has duplicate item_id values")
+    categories = df["category"].fillna("").astype(str).tolist()
+    brands = df["brand"].fillna("").astype(str).tolist()
+    category_id, category_index, category_names = _encode_names(categories)
+    brand_id, brand_index, brand_names = _encode_names(brands)
+    cat_indptr, cat_tokens = _token_csr(category_names, vocab)
+    brand_indptr, brand_tokens = _token_csr(brand_names, vocab)
+    return ItemTable(
+        ids=ids,
+        id_to_row={item_id: i for i, item_id in enumerate(ids)},
+        titles=df["title"].astype(str).tolist(),
+        categories=categories,
+        brands=brands,
+        price=df["price"].astype("float64").to_numpy(dtype=np.float32, na_value=np.nan),
+        in_stock=df["in_stock"].astype(bool).to_numpy(),
+        category_id=category_id,
+        brand_id=brand_id,
+        category_index=category_index,
+        brand_index=brand_index,
+        cat_indptr=cat_indptr,
+        cat_tokens=cat_tokens,
+        brand_indptr=brand_indptr,
+        brand_tokens=brand_tokens,
+    )
+
+
+def _load_reranker(root: Path, manifest: dict[str, Any]) -> Reranker:
+    spec = json.loads((root / manifest["reranker"]["file"]).read_text(encoding="utf-8"))
+    _require(spec.get("type") == "linear", f"{root}: reranker type {spec.get('type')!r} is not supported by this server")
+    _require(
+        tuple(spec.get("features", ())) == FEATURE_NAMES,
+        f"{root}: reranker features {spec.get('features')} differ from this server's schema {list(FEATURE_NAMES)}",
+    )
+    similar = spec.get("similar", {})
+    _require(
+        tuple(similar.get("features", ())) == SIMILAR_FEATURE_NAMES,
+        f"{root}: similar-items features {similar.get('features')} differ from {list(SIMILAR_FEATURE_NAMES)}",
+    )
+    weights = np.asarray(spec["weights"], dtype=np.float32)
+    sim_weights = np.asarray(similar["weights"], dtype=np.float32)
+    _require(weights.shape == (len(FEATURE_NAMES),) and np.isfinite(weights).all(), f"{root}: bad reranker weights")
+    _require(sim_weights.shape == (len(SIMILAR_FEATURE_NAMES),) and np.isfinite(sim_weights).all(),
+             f"{root}: bad similar-items weights")
+    return Reranker(FEATURE_NAMES, weights, float(spec.get("bias", 0.0)),
+                    SIMILAR_FEATURE_NAMES, sim_weights, float(similar.get("bias", 0.0)))
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle directory; raises BundleError if anything is off."""
+    root = Path(path)
+    _require(root.is_dir(), f"{root}: bundle directory not found")
+    try:
+        manifest = bf.read_manifest(root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BundleError(str(exc)) from exc
+    schema = manifest.get("schema_version")
+    _require(isinstance(schema, int), f"{root}: manifest has no integer schema_version")
+    _require(schema <= bf.SCHEMA_VERSION,
+             f"{root}: bundle schema version {schema} is newer than this server supports ({bf.SCHEMA_VERSION}); upgrade the server")
+    _require(schema == bf.SCHEMA_VERSION, f"{root}: bundle schema version {schema} is no longer supported (need {bf.SCHEMA_VERSION})")
+    for key in ("bundle_version", "encoder", "items", "index", "lexical", "reranker", "popularity"):
+        _require(key in manifest, f"{root}: manifest lacks '{key}'")
+    verify_files(root, manifest)
+    try:
+        lex = np.load(root / manifest["lexical"]["file"], allow_pickle=False)
+        words = json.loads((root / manifest["lexical"]["vocab"]).read_text(encoding="utf-8"))
+        vocab = {w: i for i, w in enumerate(words)}
+        lexical = LexicalIndex(vocab, lex["bm25_indptr"], lex["bm25_indices"], lex["bm25_data"],
+                               lex["title_indptr"], lex["title_tokens"])
+        items = _load_items(root, manifest, vocab)
+        vectors = np.load(root / manifest["items"]["vectors"], allow_pickle=False).astype(np.float32)
+        index = faiss.read_index(str(root / manifest["index"]["file"]))
+        popularity = np.load(root / manifest["popularity"]["file"], allow_pickle=False).astype(np.float32)
+        reranker = _load_reranker(root, manifest)
+    except BundleError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: FAISS read errors
+        raise BundleError(f"{root}: cannot read bundle ({type(exc).__name__}: {exc})") from exc
+    n, dims = len(items), int(manifest["encoder"]["dims"])
+    _require(vectors.shape == (n, dims), f"{root}: item vectors have shape {vectors.shape}, expected ({n}, {dims})")
+    _require(index.d == dims, f"{root}: FAISS index has {index.d} dimensions, encoder has {dims}")
+    _require(index.ntotal == n, f"{root}: FAISS index holds {index.ntotal} vectors for {n} items")
+    _require(popularity.shape == (n,), f"{root}: popularity has shape {popularity.shape}, expected ({n},)")
+    _require(len(lexical.title_indptr) == n + 1, f"{root}: lexical index covers {len(lexical.title_indptr) - 1} items, expected {n}")
+    _require(len(lexical.bm25_indptr) == len(vocab) + 1, f"{root}: lexical index and vocabulary sizes differ")
+    _require(np.isfinite(vectors).all(), f"{root}: item vectors contain NaN or infinity")
+    encoder_dir = root / manifest["encoder"]["path"]
+    _require((encoder_dir / "config.json").is_file(), f"{root}: encoder folder has no config.json")
+    return Bundle(
+        path=root.resolve(),
+        manifest=manifest,
+        version=str(manifest["bundle_version"]),
+        items=items,
+        vectors=vectors,
+        index=index,
+        index_type=str(manifest["index"].get("type", "unknown")),
+        lexical=lexical,
+        reranker=reranker,
+        popularity=popularity,
+        encoder_dir=encoder_dir,
+        encoder=dict(manifest["encoder"]),
+    )

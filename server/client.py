@@ -1,0 +1,92 @@
+"""A small command-line client for searchrec, for people at a shell.
+
+    python -m server.client search "cordless drill" --explain
+    python -m server.client search "drill" --k 5 --max-price 100 --category "Power Tools" --in-stock
+    python -m server.client similar SR-00001
+    python -m server.client info | health | reload [PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.stubs import pb, pb_grpc
+
+
+def _filters(args) -> "pb.Filters":
+    f = pb.Filters(categories=args.category or [], brands=args.brand or [], in_stock_only=args.in_stock)
+    if args.min_price is not None:
+        f.min_price = args.min_price
+    if args.max_price is not None:
+        f.max_price = args.max_price
+    return f
+
+
+def _print_items(items, explain: bool) -> None:
+    for rank, it in enumerate(items, start=1):
+        price = f"${it.price:,.2f}" if it.HasField("price") else "-"
+        print(f"{rank:>3}. {it.score:7.4f}  {it.item_id:<12} {it.title}  [{it.category} | {it.brand} | {price}"
+              f"{'' if it.in_stock else ' | out of stock'}]")
+        if explain:
+            print("       " + "  ".join(f"{c.name}={c.value:.3f}->{c.contribution:+.3f}" for c in it.explanation))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server.client")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=10.0)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("search", "similar"):
+        s = sub.add_parser(name)
+        s.add_argument("query" if name == "search" else "item_id")
+        s.add_argument("--k", type=int, default=None)
+        s.add_argument("--explain", action="store_true")
+        s.add_argument("--min-price", type=float)
+        s.add_argument("--max-price", type=float)
+        s.add_argument("--category", action="append")
+        s.add_argument("--brand", action="append")
+        s.add_argument("--in-stock", action="store_true")
+    sub.add_parser("info")
+    sub.add_parser("health")
+    r = sub.add_parser("reload")
+    r.add_argument("path", nargs="?", default="")
+    args = p.parse_args(argv)
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = pb_grpc.SearchRecommendStub(channel)
+        try:
+            if args.cmd == "search":
+                req = pb.SearchRequest(query=args.query, filters=_filters(args), explain=args.explain)
+                if args.k is not None:
+                    req.k = args.k
+                resp = stub.Search(req, timeout=args.timeout)
+                t = resp.timings
+                print(f"bundle {resp.bundle_version}: {len(resp.items)} items in {t.total_ms:.1f} ms "
+                      f"(queue {t.queue_ms:.1f}, encode {t.encode_ms:.1f}, retrieve {t.retrieve_ms:.1f}, "
+                      f"rank {t.rank_ms:.1f}; batch of {t.batch_size})")
+                _print_items(resp.items, args.explain)
+            elif args.cmd == "similar":
+                req = pb.SimilarItemsRequest(item_id=args.item_id, filters=_filters(args), explain=args.explain)
+                if args.k is not None:
+                    req.k = args.k
+                resp = stub.SimilarItems(req, timeout=args.timeout)
+                print(f"bundle {resp.bundle_version}: {len(resp.items)} items")
+                _print_items(resp.items, args.explain)
+            elif args.cmd == "info":
+                print(stub.GetInfo(pb.GetInfoRequest(), timeout=args.timeout))
+            elif args.cmd == "health":
+                h = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+                print(health_pb2.HealthCheckResponse.ServingStatus.Name(h.status))
+            elif args.cmd == "reload":
+                print(stub.ReloadBundle(pb.ReloadBundleRequest(path=args.path), timeout=120))
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The server's one frozen configuration, built from command-line flags with environment defaults.
+
+Every environment variable the server reads is read here, in `from_args`, never at import time.
+Each flag `--some-flag` can also be set as `SEARCHREC_SOME_FLAG`; the flag wins.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_QUERY_CHARS = 1000
+MAX_K = 1000
+DEFAULT_K = 10
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to know; printed at start."""
+
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (cuda only)
+    max_batch_size: int = 32
+    max_delay_ms: float = 2.0
+    max_queue: int = 512
+    candidates: int = 100  # dense and lexical candidates per query before reranking
+    exact_filter_max: int = 4096  # filtered subsets this small are searched exactly
+    torch_threads: int = 0  # 0 = torch default (all cores)
+    grace_s: float = 5.0
+    warmup: bool = True
+    log_level: str = "INFO"
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append("max_batch_size must be >= 1")
+        if self.max_delay_ms < 0:
+            problems.append("max_delay_ms must be >= 0")
+        if self.max_queue < 1:
+            problems.append("max_queue must be >= 1")
+        if not 0 <= self.port <= 65535:
+            problems.append("port must be in 0..65535")
+        if self.candidates < 1:
+            problems.append("candidates must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def describe(self) -> str:
+        return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _env(name: str, default):
+    return os.environ.get("SEARCHREC_" + name.upper(), default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig(bundle=Path("."))
+    p = argparse.ArgumentParser(prog="python -m server", description="Serve a searchrec bundle over gRPC.")
+    p.add_argument("--bundle", type=Path, default=_env("bundle", None), help="bundle directory")
+    p.add_argument("--host", default=_env("host", d.host))
+    p.add_argument("--port", type=int, default=int(_env("port", d.port)), help="0 = pick a free port")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("device", d.device))
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=_env("dtype", d.dtype))
+    p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", d.max_batch_size)))
+    p.add_argument("--max-delay-ms", type=float, default=float(_env("max_delay_ms", d.max_delay_ms)))
+    p.add_argument("--max-queue", type=int, default=int(_env("max_queue", d.max_queue)))
+    p.add_argument("--candidates", type=int, default=int(_env("candidates", d.candidates)))
+    p.add_argument("--exact-filter-max", type=int, default=int(_env("exact_filter_max", d.exact_filter_max)))
+    p.add_argument("--torch-threads", type=int, default=int(_env("torch_threads", d.torch_threads)))
+    p.add_argument("--grace-s", type=float, default=float(_env("grace_s", d.grace_s)))
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=True)
+    p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> ServerConfig:
+    """Parse flags (and SEARCHREC_* environment defaults) into a ServerConfig."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.bundle is None:
+        parser.error("--bundle is required (or set SEARCHREC_BUNDLE)")
+    try:
+        return ServerConfig(**{k: v for k, v in vars(args).items()})
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,84 @@
+"""The search engine over one bundle: encode -> dense + lexical candidates -> rerank -> top k.
+
+`search_batch` is the batcher's batch function: one encoder forward pass, one FAISS search and one
+kernel pass for the whole batch. `similar` answers SimilarItems. Nothing here knows about gRPC.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from common.encoding import TextEncoder
+from server.bundle import Bundle
+from server.config import ServerConfig
+from server.errors import NotFound
+from server.ranking import Ranker
+from server.retrieval import DenseRetriever, LexicalRetriever, filter_mask
+from server.types import NO_FILTERS, Filters, Hit, SearchOutcome, SearchQuery
+
+log = logging.getLogger(__name__)
+
+
+class SearchEngine:
+    """Search and SimilarItems over one loaded bundle."""
+
+    def __init__(self, bundle: Bundle, encoder: TextEncoder, config: ServerConfig) -> None:
+        self.bundle = bundle
+        self.encoder = encoder
+        self.config = config
+        self.dense = DenseRetriever(bundle, encoder.device, config.exact_filter_max)
+        self.lexical = LexicalRetriever(bundle)
+        self.ranker = Ranker(bundle)
+
+    def search_batch(self, queries: list[SearchQuery]) -> list[SearchOutcome]:
+        """Answer a batch of validated queries (the batcher's batch function)."""
+        t0 = time.perf_counter()
+        qvecs = self.encoder.encode([q.text for q in queries], batch_size=max(len(queries), 1))
+        t1 = time.perf_counter()
+        items, vectors = self.bundle.items, self.bundle.vectors
+        masks = [filter_mask(items, q.filters) for q in queries]
+        ns = [max(self.config.candidates, q.k) for q in queries]
+        dense_rows = self.dense.search(qvecs, ns, masks)
+        tokens = [self.bundle.lexical.token_ids(q.text) for q in queries]
+        bm25 = self.lexical.score(tokens)
+        candidates, dense_scores, lex_scores = [], [], []
+        for i in range(len(queries)):
+            lex_rows = self.lexical.top(bm25[i], ns[i], masks[i])
+            rows = np.union1d(dense_rows[i], lex_rows)
+            candidates.append(rows)
+            dense_scores.append(vectors[rows] @ qvecs[i])
+            lex_scores.append(bm25[i][rows])
+        t2 = time.perf_counter()
+        hits = self.ranker.rank(tokens, candidates, dense_scores, lex_scores,
+                                [q.k for q in queries], [q.explain for q in queries])
+        t3 = time.perf_counter()
+        return [SearchOutcome(h, encode_s=t1 - t0, retrieve_s=t2 - t1, rank_s=t3 - t2) for h in hits]
+
+    def row_of(self, item_id: str) -> int:
+        row = self.bundle.items.id_to_row.get(item_id)
+        if row is None:
+            raise NotFound(f"item_id {item_id!r} is not in the catalog", field="item_id")
+        return row
+
+    def similar(self, item_id: str, k: int, filters: Filters = NO_FILTERS, explain: bool = False) -> list[Hit]:
+        """Items most like item_id (never itself), reranked with the bundle's similar-items weights."""
+        source = self.row_of(item_id)
+        mask = filter_mask(self.bundle.items, filters)
+        mask = np.ones(len(self.bundle.items), dtype=bool) if mask is None else mask.copy()
+        mask[source] = False
+        q = self.bundle.vectors[source]
+        rows = self.dense.search_filtered(q, max(self.config.candidates, k), mask)
+        rows = np.sort(rows)
+        return self.ranker.rank_similar(source, rows, self.bundle.vectors[rows] @ q, k, explain)
+
+    def warmup(self) -> None:
+        """Compile the kernels and warm the encoder before the bundle takes traffic."""
+        started = time.perf_counter()
+        some = self.bundle.items.titles[: self.config.max_batch_size] or ["warm up"]
+        self.search_batch([SearchQuery(text=t, k=10) for t in some])
+        self.search_batch([SearchQuery(text=some[0], k=5, explain=True,
+                                       filters=Filters(min_price=0.0, in_stock_only=True))])
+        self.similar(self.bundle.items.ids[0], 5)
+        log.info("warm-up done in %.2fs", time.perf_counter() - started)

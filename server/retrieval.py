@@ -1,0 +1,139 @@
+"""Candidate retrieval: FAISS dense search (once per batch) and BM25 lexical search, with filters.
+
+Filters are applied inside retrieval so that k results come back whenever k matching items exist:
+unfiltered queries share one batched FAISS search; a filtered query searches with an ID selector,
+or exactly over its subset when the subset is small (or when the ANN search came back short).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import faiss
+import numpy as np
+
+from kernels import features as K
+from server.bundle import Bundle, ItemTable
+from server.types import Filters
+
+log = logging.getLogger(__name__)
+
+
+def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
+    """Boolean mask of the items a filter admits, or None when nothing is filtered.
+
+    Unknown category or brand names match nothing (an empty result, not an error). Items with an
+    unknown price never pass a price bound.
+    """
+    if not filters.active:
+        return None
+    mask = np.ones(len(items), dtype=bool)
+    if filters.min_price is not None:
+        mask &= items.price >= filters.min_price  # NaN compares False: unknown prices drop out
+    if filters.max_price is not None:
+        mask &= items.price <= filters.max_price
+    if filters.in_stock_only:
+        mask &= items.in_stock
+    if filters.categories:
+        ids = [items.category_index[c.strip().lower()] for c in filters.categories
+               if c.strip().lower() in items.category_index]
+        mask &= np.isin(items.category_id, np.asarray(ids, dtype=np.int32))
+    if filters.brands:
+        ids = [items.brand_index[b.strip().lower()] for b in filters.brands if b.strip().lower() in items.brand_index]
+        mask &= np.isin(items.brand_id, np.asarray(ids, dtype=np.int32))
+    return mask
+
+
+def _exact_top(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray, n: int) -> np.ndarray:
+    """Best n of rows by inner product with q, best first, ties by row."""
+    if len(rows) == 0:
+        return rows.astype(np.int64)
+    scores = vectors[rows] @ q
+    if n < len(rows):
+        keep = np.argpartition(-scores, n - 1)[:n]
+        rows, scores = rows[keep], scores[keep]
+    order = np.lexsort((rows, -scores))
+    return rows[order].astype(np.int64)
+
+
+class DenseRetriever:
+    """The bundle's FAISS index, on the GPU when asked for and available (one resources object)."""
+
+    def __init__(self, bundle: Bundle, device: str, exact_filter_max: int) -> None:
+        self.vectors = bundle.vectors
+        self.cpu_index = bundle.index
+        self.exact_filter_max = exact_filter_max
+        self.index = bundle.index
+        self.on_gpu = False
+        self._gpu_lock = threading.Lock()  # faiss GPU calls are serialised
+        if bundle.index_type.startswith("hnsw"):
+            self.cpu_index.hnsw.efSearch = int(bundle.manifest["index"].get("efSearch", 128))
+        if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._gpu_res = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.cpu_index)
+            self.on_gpu = True
+            log.info("FAISS index moved to the GPU")
+        # Batched searches must use BLAS (the default threshold skips it for small batches, ~6x slower).
+        faiss.cvar.distance_compute_blas_threshold = 1
+
+    def _search(self, index: faiss.Index, queries: np.ndarray, n: int, params=None) -> np.ndarray:
+        if index is self.index and self.on_gpu:
+            with self._gpu_lock:
+                return index.search(queries, n)[1]
+        if params is not None:
+            return index.search(queries, n, params=params)[1]
+        return index.search(queries, n)[1]
+
+    def search(self, queries: np.ndarray, ns: list[int], masks: list[np.ndarray | None]) -> list[np.ndarray]:
+        """Top-ns[i] item rows for each query row, honouring masks[i] (None = no filter)."""
+        out: list[np.ndarray] = [np.empty(0, np.int64)] * len(ns)
+        plain = [i for i, m in enumerate(masks) if m is None]
+        if plain:
+            n = min(max(ns[i] for i in plain), self.cpu_index.ntotal)
+            labels = self._search(self.index, np.ascontiguousarray(queries[plain]), n)
+            for j, i in enumerate(plain):
+                row = labels[j]
+                out[i] = row[row >= 0][: ns[i]].astype(np.int64)
+        for i, mask in enumerate(masks):
+            if mask is not None:
+                out[i] = self.search_filtered(queries[i], ns[i], mask)
+        return out
+
+    def search_filtered(self, q: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(mask)
+        want = min(n, len(rows))
+        if want == 0:
+            return np.empty(0, np.int64)
+        if len(rows) <= self.exact_filter_max:
+            return _exact_top(self.vectors, rows, q, want)
+        bits = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
+        params = faiss.SearchParameters(sel=selector)
+        if self.cpu_index.__class__.__name__.startswith("IndexHNSW"):
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.cpu_index.hnsw.efSearch, want))
+        labels = self._search(self.cpu_index, q[None, :], want, params)[0]
+        labels = labels[labels >= 0]
+        if len(labels) < want:  # an ANN index can come back short under a filter: answer exactly
+            return _exact_top(self.vectors, rows, q, want)
+        return labels.astype(np.int64)
+
+
+class LexicalRetriever:
+    """BM25 over the bundle's lexical index, scored by the kernels."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.lex = bundle.lexical
+        self.n_docs = len(bundle.items)
+
+    def score(self, token_lists: list[np.ndarray]) -> np.ndarray:
+        """BM25 score of every item for every query: float32[Q, n_items]."""
+        indptr = np.zeros(len(token_lists) + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum([len(t) for t in token_lists])
+        tokens = np.concatenate(token_lists) if token_lists else np.empty(0, np.int32)
+        return K.bm25_accumulate(indptr, tokens.astype(np.int32), self.lex.bm25_indptr,
+                                 self.lex.bm25_indices, self.lex.bm25_data, self.n_docs)
+
+    @staticmethod
+    def top(scores_row: np.ndarray, n: int, mask: np.ndarray | None) -> np.ndarray:
+        """Rows of the n best positive BM25 scores among the mask's items."""
+        return K.topn_masked(scores_row, mask if mask is not None else np.empty(0, dtype=np.bool_), n)

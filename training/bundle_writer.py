@@ -1,0 +1,234 @@
+"""Write a complete artifact bundle from a clean catalog, atomically.
+
+Steps: copy the encoder, encode item passages, build the FAISS index, build the lexical (BM25)
+index with the shared tokenizer, write default reranker weights and popularity, then a manifest
+with the sha256 of every file. Everything is written into a temporary sibling directory that is
+renamed into place only when complete, so a failed run never leaves a half bundle behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import faiss
+import numpy as np
+import pandas as pd
+from bm25s.tokenization import Tokenized
+from tqdm.auto import tqdm
+
+from common import bundle_format as bf
+from common.encoding import TextEncoder
+from common.text import tokenize
+from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
+
+log = logging.getLogger(__name__)
+
+# Hand-set until the training pipeline learns them: dense similarity leads, lexical evidence and
+# term coverage correct it, brand/category mentions in the query break ties.
+DEFAULT_WEIGHTS = {
+    "dense": 1.0,
+    "lexical": 0.35,
+    "coverage": 0.35,
+    "category_match": 0.15,
+    "brand_match": 0.2,
+    "log_price": 0.0,
+    "popularity": 0.05,
+}
+DEFAULT_SIMILAR_WEIGHTS = {"dense": 1.0, "same_category": 0.1, "same_brand": 0.05, "popularity": 0.05}
+FLAT_MAX_ITEMS = 100_000  # exact search below this; HNSW above
+
+
+@dataclass
+class BuildOptions:
+    """What a build needs besides the catalog."""
+
+    encoder_dir: Path
+    encoder_name: str = "all-MiniLM-L6-v2"
+    name: str = "bundle"
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_length: int = 128
+    batch_size: int = 64
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+    popularity: np.ndarray | None = None
+    data_fingerprints: dict[str, str] = field(default_factory=dict)
+    extra_manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def passage_text(row: pd.Series) -> str:
+    """The text an item is encoded from: title first, then brand, category and description."""
+    parts = [row["title"], row["brand"], row["category"], row["description"]]
+    return ". ".join(p for p in parts if p)
+
+
+def lexical_text(row: pd.Series) -> str:
+    return " ".join(p for p in (row["title"], row["brand"], row["category"], row["description"]) if p)
+
+
+def code_version() -> str:
+    """The git commit of this checkout, or 'unknown' outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _csr(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    flat = np.fromiter((t for x in lists for t in x), dtype=np.int32, count=int(indptr[-1]))
+    return indptr, flat
+
+
+def build_lexical(items: pd.DataFrame, k1: float, b: float) -> tuple[dict[str, np.ndarray], list[str]]:
+    """BM25 term->document score matrix (CSC) and the title token lists, over one shared vocabulary."""
+    vocab: dict[str, int] = {}
+    doc_ids: list[list[int]] = []
+    for text in tqdm(items.apply(lexical_text, axis=1), desc="tokenize", unit="item", leave=False):
+        doc_ids.append([vocab.setdefault(t, len(vocab)) for t in tokenize(text)])
+    title_ids = [
+        sorted({vocab[t] for t in tokenize(title) if t in vocab}) for title in items["title"]
+    ]
+    retriever = bm25s.BM25(k1=k1, b=b, method="lucene")
+    retriever.index(Tokenized(ids=doc_ids, vocab=vocab), create_empty_token=False, show_progress=False)
+    scores = retriever.scores
+    if len(scores["indptr"]) - 1 != len(vocab):
+        raise RuntimeError("bm25s vocabulary size does not match the tokenizer's")
+    title_indptr, title_tokens = _csr(title_ids)
+    arrays = {
+        "bm25_indptr": np.asarray(scores["indptr"], dtype=np.int64),
+        "bm25_indices": np.asarray(scores["indices"], dtype=np.int32),
+        "bm25_data": np.asarray(scores["data"], dtype=np.float32),
+        "title_indptr": title_indptr,
+        "title_tokens": title_tokens,
+    }
+    words = [""] * len(vocab)
+    for word, i in vocab.items():
+        words[i] = word
+    return arrays, words
+
+
+def build_index(vectors: np.ndarray) -> tuple[faiss.Index, dict[str, Any]]:
+    """Exact inner-product search for small catalogs, HNSW above FLAT_MAX_ITEMS."""
+    n, d = vectors.shape
+    if n <= FLAT_MAX_ITEMS:
+        index = faiss.IndexFlatIP(d)
+        params = {"type": "flat_ip"}
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        params = {"type": "hnsw_ip", "M": 32, "efConstruction": 80, "efSearch": 128}
+    index.add(vectors)
+    return index, params
+
+
+def write_bundle(items: pd.DataFrame, out_dir: str | Path, opts: BuildOptions) -> dict[str, Any]:
+    """Build a bundle for items into out_dir (which must not exist); returns the manifest."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: output directory already exists; choose a new path")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        manifest = _write_into(items.reset_index(drop=True), tmp, opts)
+        os.rename(tmp, out_dir)  # atomic on one filesystem: the bundle appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    shutil.copytree(opts.encoder_dir, root / bf.ENCODER_DIR, ignore=shutil.ignore_patterns("README.md"))
+    items.to_parquet(root / bf.ITEMS_FILE, index=False)
+    timings["copy_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    encoder = TextEncoder(
+        root / bf.ENCODER_DIR, device=opts.device, dtype=opts.dtype, max_length=opts.max_length
+    )
+    passages = items.apply(passage_text, axis=1).tolist()
+    with tqdm(total=len(passages), desc="encode", unit="item") as bar:
+        vectors = encoder.encode(passages, batch_size=opts.batch_size, progress=bar.update)
+    np.save(root / bf.VECTORS_FILE, vectors.astype(np.float16))
+    timings["encode_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    index, index_params = build_index(vectors)
+    faiss.write_index(index, str(root / bf.INDEX_FILE))
+    timings["index_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    arrays, words = build_lexical(items, opts.bm25_k1, opts.bm25_b)
+    np.savez(root / bf.LEXICAL_FILE, **arrays)
+    (root / bf.VOCAB_FILE).write_text(json.dumps(words), encoding="utf-8")
+    timings["lexical_s"] = time.perf_counter() - t0
+
+    popularity = opts.popularity if opts.popularity is not None else np.zeros(len(items), np.float32)
+    np.save(root / bf.POPULARITY_FILE, popularity.astype(np.float32))
+    reranker = {
+        "type": "linear",
+        "features": list(FEATURE_NAMES),
+        "weights": [DEFAULT_WEIGHTS[f] for f in FEATURE_NAMES],
+        "bias": 0.0,
+        "similar": {
+            "features": list(SIMILAR_FEATURE_NAMES),
+            "weights": [DEFAULT_SIMILAR_WEIGHTS[f] for f in SIMILAR_FEATURE_NAMES],
+            "bias": 0.0,
+        },
+    }
+    (root / bf.RERANKER_FILE).write_text(json.dumps(reranker, indent=2), encoding="utf-8")
+
+    files = bf.checksum_tree(root)
+    created = datetime.now(timezone.utc)
+    digest = bf.sha256_text(json.dumps(files, sort_keys=True))[:8]
+    manifest: dict[str, Any] = {
+        "schema_version": bf.SCHEMA_VERSION,
+        "bundle_version": f"{opts.name}-{created:%Y%m%dT%H%M%SZ}-{digest}",
+        "created_at": created.isoformat(),
+        "code_version": code_version(),
+        "data_fingerprints": opts.data_fingerprints,
+        "encoder": {
+            "path": bf.ENCODER_DIR,
+            "name": opts.encoder_name,
+            "dims": encoder.dims,
+            "max_length": opts.max_length,
+            "pooling": "mean",
+            "normalize": True,
+            "passage": "title. brand. category. description",
+        },
+        "items": {"file": bf.ITEMS_FILE, "vectors": bf.VECTORS_FILE, "count": len(items),
+                  "vector_dtype": "float16"},
+        "index": {"file": bf.INDEX_FILE, "metric": "inner_product", "ntotal": int(index.ntotal),
+                  **index_params},
+        "lexical": {"file": bf.LEXICAL_FILE, "vocab": bf.VOCAB_FILE, "method": "lucene",
+                    "k1": opts.bm25_k1, "b": opts.bm25_b, "vocab_size": len(words),
+                    "tokenizer": "common.text.tokenize"},
+        "reranker": {"file": bf.RERANKER_FILE, "type": "linear", "features": list(FEATURE_NAMES)},
+        "popularity": {"file": bf.POPULARITY_FILE},
+        "metrics": {},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        **opts.extra_manifest,
+        "files": files,
+    }
+    (root / bf.MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest
