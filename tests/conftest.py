@@ -1,0 +1,131 @@
+"""Shared fixtures: the sample bundle (built once per session) and a real server on port 0.
+
+The server runs on its own event loop in a background thread; tests talk to it with ordinary
+synchronous gRPC channels, the way internal services do.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "training" / "sample"
+sys.path.insert(0, str(ROOT))
+
+
+def data_dir() -> Path:
+    """The shared real-data directory (SEARCHREC_DATA_DIR, default ../shared/data)."""
+    return Path(os.environ.get("SEARCHREC_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def sample_bundle(tmp_path_factory) -> Path:
+    from training.__main__ import main as training_main
+
+    out = tmp_path_factory.mktemp("bundles") / "sample"
+    assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--out", str(out),
+                          "--name", "sample", "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def second_bundle(sample_bundle, tmp_path_factory) -> Path:
+    """A second valid bundle with its own version: the sample bundle, re-versioned and re-checksummed."""
+    out = tmp_path_factory.mktemp("bundles") / "second"
+    shutil.copytree(sample_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["bundle_version"] = "second-" + manifest["bundle_version"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+class ServerThread:
+    """A searchrec server on port 0, run on an event loop in a daemon thread."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        self.port = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from server.app import create_server
+
+        asyncio.set_event_loop(self.loop)
+
+        async def boot():
+            self.server, self.port = await create_server(self.config)
+
+        try:
+            self.loop.run_until_complete(boot())
+        except BaseException as exc:  # surfaced to the test in start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        self._ready.wait(300)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace=1.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def make_config(bundle: Path, **overrides):
+    from server.config import ServerConfig
+
+    return ServerConfig(bundle=bundle, port=0, device="cpu", **overrides)
+
+
+@pytest.fixture(scope="session")
+def server(sample_bundle):
+    srv = ServerThread(make_config(sample_bundle)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(server):
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    from server.stubs import pb_grpc
+
+    return pb_grpc.SearchRecommendStub(channel)
+
+
+@pytest.fixture(scope="session")
+def pb():
+    from server.stubs import pb as _pb
+
+    return _pb

@@ -1,0 +1,220 @@
+"""The dynamic batcher on plain asyncio: size, delay, deadlines, failure isolation, cancellation, full queue."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from server.batcher import DynamicBatcher
+from server.errors import DeadlineExpired, Overloaded, Unavailable
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class Recorder:
+    """A batch function that records the batches it saw, optionally blocking until released."""
+
+    def __init__(self, fail_on=None, gate: threading.Event | None = None):
+        self.batches: list[list] = []
+        self.fail_on = fail_on
+        self.gate = gate
+
+    def __call__(self, items):
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [x * 10 for x in items]
+
+
+def test_constructor_validates_arguments():
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=0, max_delay_ms=1, max_queue=1)
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=1, max_delay_ms=-1, max_queue=1)
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=1, max_delay_ms=1, max_queue=0)
+    with pytest.raises(TypeError):
+        DynamicBatcher(42, max_batch_size=1, max_delay_ms=1, max_queue=1)
+
+
+def test_batches_up_to_max_size_and_returns_each_callers_result():
+    async def main():
+        fn = Recorder()
+        b = DynamicBatcher(fn, max_batch_size=4, max_delay_ms=50, max_queue=100)
+        results = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        await b.close()
+        return fn, results, b.stats
+
+    fn, results, stats = run(main())
+    assert [r.value for r in results] == [i * 10 for i in range(10)]
+    assert max(len(x) for x in fn.batches) == 4
+    assert sorted(x for batch in fn.batches for x in batch) == list(range(10))
+    assert stats.batches_run == len(fn.batches) and stats.items_computed == 10
+    assert results[0].batch_size == len(fn.batches[0])
+
+
+def test_a_lone_request_runs_after_the_delay_without_waiting_for_a_full_batch():
+    async def main():
+        fn = Recorder()
+        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=20, max_queue=10)
+        result = await b.submit(7)
+        await b.close()
+        return fn, result
+
+    fn, result = run(main())
+    assert result.value == 70 and fn.batches == [[7]]
+
+
+def test_requests_arriving_within_the_delay_share_a_batch():
+    async def main():
+        fn = Recorder()
+        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=300, max_queue=10)
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(b.submit(2))
+        await asyncio.gather(first, second)
+        await b.close()
+        return fn
+
+    assert run(main()).batches == [[1, 2]]
+
+
+def test_expired_work_is_dropped_before_compute():
+    async def main():
+        gate = threading.Event()
+        fn = Recorder(gate=gate)
+        b = DynamicBatcher(fn, max_batch_size=1, max_delay_ms=0, max_queue=10,
+                           executor=ThreadPoolExecutor(1))
+        blocker = asyncio.ensure_future(b.submit(1))  # occupies the compute thread
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() + 0.05))
+        await asyncio.sleep(0.2)  # its deadline passes while it waits behind the blocker
+        gate.set()
+        await blocker
+        with pytest.raises(DeadlineExpired):
+            await doomed
+        with pytest.raises(DeadlineExpired):
+            await b.submit(3, deadline=time.monotonic() - 1)  # already expired: never queued
+        await b.close()
+        return fn, b.stats
+
+    fn, stats = run(main())
+    assert fn.batches == [[1]], "expired requests must never be computed"
+    assert stats.expired == 2
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    async def main():
+        fn = Recorder(fail_on=3)
+        b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=50, max_queue=10)
+        results = await asyncio.gather(*(b.submit(i) for i in range(6)), return_exceptions=True)
+        later = await b.submit(9)  # the worker survives
+        await b.close()
+        return fn, results, later
+
+    fn, results, later = run(main())
+    bad_batch = next(batch for batch in fn.batches if 3 in batch)
+    for i, r in enumerate(results):
+        if i in bad_batch:
+            assert isinstance(r, ValueError)
+        else:
+            assert r.value == i * 10
+    assert later.value == 90
+
+
+def test_wrong_result_count_fails_the_batch():
+    async def main():
+        b = DynamicBatcher(lambda items: items[:-1], max_batch_size=4, max_delay_ms=10, max_queue=10)
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        await b.close()
+        return results
+
+    assert all(isinstance(r, RuntimeError) for r in run(main()))
+
+
+def test_cancelled_calls_are_removed_and_never_computed():
+    async def main():
+        gate = threading.Event()
+        fn = Recorder(gate=gate)
+        b = DynamicBatcher(fn, max_batch_size=1, max_delay_ms=0, max_queue=2,
+                           executor=ThreadPoolExecutor(1))
+        blocker = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(b.submit(2))
+        await asyncio.sleep(0.02)
+        assert b.queue_depth == 1
+        waiting.cancel()
+        await asyncio.sleep(0.02)
+        depth_after_cancel = b.queue_depth  # the slot is free at once
+        gate.set()
+        await blocker
+        await b.close()
+        return fn, depth_after_cancel, b.stats
+
+    fn, depth, stats = run(main())
+    assert depth == 0
+    assert fn.batches == [[1]]
+    assert stats.cancelled == 1
+
+
+def test_full_queue_is_rejected_at_once():
+    async def main():
+        gate = threading.Event()
+        b = DynamicBatcher(Recorder(gate=gate), max_batch_size=1, max_delay_ms=0, max_queue=2,
+                           executor=ThreadPoolExecutor(1))
+        running = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.05)  # 0 is computing, the queue is empty
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="queue is full"):
+            await b.submit(3)
+        rejected_in = time.monotonic() - started
+        gate.set()
+        done = await asyncio.gather(running, *queued)
+        await b.close()
+        return done, b.stats, rejected_in
+
+    done, stats, rejected_in = run(main())
+    assert [r.value for r in done] == [0, 10, 20]
+    assert stats.rejected == 1
+    assert rejected_in < 1.0  # rejection does not wait for the queue to drain
+
+
+def test_close_drains_the_queue_then_refuses_new_work():
+    async def main():
+        b = DynamicBatcher(Recorder(), max_batch_size=2, max_delay_ms=50, max_queue=10)
+        pending = [asyncio.ensure_future(b.submit(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.close()
+        results = [p.result().value for p in pending]
+        with pytest.raises(Unavailable):
+            await b.submit(99)
+        return results
+
+    assert run(main()) == [0, 10, 20, 30, 40]
+
+
+def test_event_loop_stays_responsive_while_a_batch_computes():
+    async def main():
+        gate = threading.Event()
+        b = DynamicBatcher(Recorder(gate=gate), max_batch_size=1, max_delay_ms=0, max_queue=10,
+                           executor=ThreadPoolExecutor(1))
+        job = asyncio.ensure_future(b.submit(1))
+        ticks = 0
+        for _ in range(5):  # the loop keeps running while the batch function blocks its thread
+            await asyncio.sleep(0.01)
+            ticks += 1
+        gate.set()
+        await job
+        await b.close()
+        return ticks
+
+    assert run(main()) == 5

@@ -1,0 +1,81 @@
+"""Retrieval pieces: filtered dense search paths agree with exact search; the tokenizer; device policy."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import pytest
+
+from common.encoding import DeviceError, resolve_device, resolve_dtype
+from common.text import has_control_chars, tokenize
+from server.retrieval import DenseRetriever, _exact_top
+
+
+def fake_bundle(n=2000, d=16, hnsw=False, seed=0):
+    rng = np.random.default_rng(seed)
+    vecs = rng.normal(size=(n, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    if hnsw:
+        index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
+        itype, manifest = "hnsw_ip", {"index": {"efSearch": 64}}
+    else:
+        index = faiss.IndexFlatIP(d)
+        itype, manifest = "flat_ip", {"index": {}}
+    index.add(vecs)
+    return SimpleNamespace(vectors=vecs, index=index, index_type=itype, manifest=manifest)
+
+
+@pytest.mark.parametrize("hnsw", [False, True])
+def test_selector_search_agrees_with_exact_subset(hnsw):
+    b = fake_bundle(hnsw=hnsw)
+    rng = np.random.default_rng(1)
+    mask = rng.random(len(b.vectors)) < 0.3
+    q = b.vectors[5] + 0.1
+    q /= np.linalg.norm(q)
+    exact = _exact_top(b.vectors, np.flatnonzero(mask), q, 20)
+    via_selector = DenseRetriever(b, "cpu", exact_filter_max=0).search_filtered(q, 20, mask)
+    assert mask[via_selector].all() and len(via_selector) == 20
+    overlap = len(set(exact) & set(via_selector)) / 20
+    assert overlap == 1.0 if not hnsw else overlap >= 0.9
+
+
+def test_very_selective_filter_returns_every_match():
+    b = fake_bundle(hnsw=True)
+    mask = np.zeros(len(b.vectors), bool)
+    mask[[3, 700, 1500]] = True
+    for exact_max in (0, 10_000):  # through the selector (with exact fallback) and exactly
+        rows = DenseRetriever(b, "cpu", exact_filter_max=exact_max).search_filtered(b.vectors[0], 10, mask)
+        assert sorted(rows.tolist()) == [3, 700, 1500]
+
+
+def test_batched_unfiltered_search_matches_single_queries():
+    b = fake_bundle()
+    r = DenseRetriever(b, "cpu", exact_filter_max=100)
+    qs = b.vectors[:8]
+    batched = r.search(qs, [5] * 8, [None] * 8)
+    for i in range(8):
+        single = r.search(qs[i : i + 1], [5], [None])[0]
+        np.testing.assert_array_equal(batched[i], single)
+        assert batched[i][0] == i  # a vector's nearest neighbour is itself
+
+
+def test_tokenizer_stems_drops_stopwords_and_keeps_numbers():
+    assert tokenize("The Cordless Drills for 1.5 in. pipes") == ["cordless", "drill", "1.5", "pipe"]
+    assert tokenize("") == [] and tokenize("the of and") == []
+    assert tokenize("ＤｅＷａｌｔ") == tokenize("dewalt")  # NFKC folds full-width letters
+
+
+def test_control_characters():
+    assert has_control_chars("a\x00b") and has_control_chars("\x1b[0m")
+    assert not has_control_chars("tab\tand newline\n ok é ✓")
+
+
+def test_device_policy():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_dtype("cpu", "float32") == "float32"
+    assert resolve_dtype("cuda", "auto") == "float16"
+    with pytest.raises(DeviceError):
+        resolve_dtype("cpu", "float16")
+    with pytest.raises(DeviceError):
+        resolve_device("tpu")
