@@ -10,6 +10,8 @@ import logging
 import signal
 import sys
 
+import transformers
+
 from common.encoding import DeviceError
 from server.app import create_server
 from server.bundle import BundleError
@@ -42,6 +44,7 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = from_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    transformers.utils.logging.disable_progress_bar()
     print("searchrec config:\n" + config.describe(), flush=True)
     try:
         asyncio.run(serve(config))

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import transformers
+
 from common.bundle_format import sha256_file
 from common.encoding import DeviceError, resolve_device, resolve_dtype
 from training.bundle_writer import BuildOptions, write_bundle
@@ -66,6 +68,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()  # our own progress bars say what is happening
     args = _parser().parse_args(argv)
     try:
         if args.command == "build":
