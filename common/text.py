@@ -43,3 +43,13 @@ def tokenize(text: str) -> list[str]:
 def has_control_chars(text: str) -> bool:
     """True when text holds a control character other than tab, newline or carriage return."""
     return any(unicodedata.category(ch) == "Cc" and ch not in "\t\n\r" for ch in text)
+
+
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def number_tokens(vocabulary: list[str]) -> "np.ndarray":
+    """Boolean mask over a vocabulary: which tokens are numbers (sizes, counts, model numbers)."""
+    import numpy as np
+
+    return np.fromiter((bool(_NUMBER.fullmatch(w)) for w in vocabulary), dtype=np.bool_, count=len(vocabulary))

@@ -15,12 +15,19 @@ from numba import njit
 FEATURE_NAMES = (
     "dense",  # cosine of query and item vectors
     "lexical",  # BM25 score divided by the best BM25 score among the query's candidates
+    "bm25",  # raw BM25 score
     "coverage",  # share of the query's distinct terms found in the title
+    "number_match",  # share of the query's numbers found in the title; -1 when the query has none
     "category_match",  # share of the category's terms found in the query
     "brand_match",  # share of the brand's terms found in the query
     "log_price",  # log1p(price), 0 when unknown
     "popularity",  # item popularity in [0, 1]
+    "query_terms",  # distinct terms in the query
+    "title_terms",  # distinct terms in the title
+    "dense_rank",  # rank of the dense score among the query's candidates (0 = best)
+    "lexical_rank",  # rank of the BM25 score among the query's candidates (0 = best)
 )
+N_FEATURES = len(FEATURE_NAMES)
 SIMILAR_FEATURE_NAMES = ("dense", "same_category", "same_brand", "popularity")
 
 _OPTS = dict(nogil=True, cache=True)
@@ -82,6 +89,17 @@ def _count_in(sorted_needles_haystack, lo, hi, tokens, t_lo, t_hi):
 
 
 @njit(**_OPTS)
+def _ranks_desc(values, s, e, out, col):
+    """Write the descending rank (0 = best, ties by position) of values[s:e] into out[s:e, col]."""
+    neg = np.empty(e - s, dtype=np.float32)
+    for j in range(s, e):
+        neg[j - s] = -values[j]
+    order = np.argsort(neg, kind="mergesort")
+    for r in range(e - s):
+        out[s + order[r], col] = r
+
+
+@njit(**_OPTS)
 def rank_features(
     q_indptr,
     q_tokens,
@@ -99,14 +117,19 @@ def rank_features(
     brand_tokens,
     price,
     popularity,
+    token_is_number,
 ):
     """Feature matrix float32[N, len(FEATURE_NAMES)] for all candidates of a batch."""
     n = cand_items.shape[0]
-    out = np.zeros((n, 7), dtype=np.float32)
+    out = np.zeros((n, 13), dtype=np.float32)
     n_q = q_indptr.shape[0] - 1
     for q in range(n_q):
         ql, qh = q_indptr[q], q_indptr[q + 1]
         n_terms = qh - ql
+        n_numbers = 0
+        for p in range(ql, qh):
+            if q_tokens[p] >= 0 and token_is_number[q_tokens[p]]:
+                n_numbers += 1
         s, e = cand_offsets[q], cand_offsets[q + 1]
         best = np.float32(0.0)
         for j in range(s, e):
@@ -114,24 +137,38 @@ def rank_features(
                 best = lexical[j]
         for j in range(s, e):
             it = cand_items[j]
+            tl, th = title_indptr[it], title_indptr[it + 1]
             out[j, 0] = dense[j]
             if best > 0:
                 out[j, 1] = lexical[j] / best
+            out[j, 2] = lexical[j]
             if n_terms > 0:
-                hits = _count_in(q_tokens, ql, qh, title_tokens, title_indptr[it], title_indptr[it + 1])
-                out[j, 2] = hits / n_terms
+                out[j, 3] = _count_in(q_tokens, ql, qh, title_tokens, tl, th) / n_terms
+            if n_numbers > 0:
+                found = 0
+                for p in range(tl, th):
+                    t = title_tokens[p]
+                    if token_is_number[t] and _count_in(q_tokens, ql, qh, title_tokens, p, p + 1) > 0:
+                        found += 1
+                out[j, 4] = found / n_numbers
+            else:
+                out[j, 4] = -1.0
             c = item_category[it]
             if c >= 0 and cat_indptr[c + 1] > cat_indptr[c]:
                 hits = _count_in(q_tokens, ql, qh, cat_tokens, cat_indptr[c], cat_indptr[c + 1])
-                out[j, 3] = hits / (cat_indptr[c + 1] - cat_indptr[c])
+                out[j, 5] = hits / (cat_indptr[c + 1] - cat_indptr[c])
             b = item_brand[it]
             if b >= 0 and brand_indptr[b + 1] > brand_indptr[b]:
                 hits = _count_in(q_tokens, ql, qh, brand_tokens, brand_indptr[b], brand_indptr[b + 1])
-                out[j, 4] = hits / (brand_indptr[b + 1] - brand_indptr[b])
+                out[j, 6] = hits / (brand_indptr[b + 1] - brand_indptr[b])
             p = price[it]
             if np.isfinite(p) and p > 0:
-                out[j, 5] = np.log1p(p)
-            out[j, 6] = popularity[it]
+                out[j, 7] = np.log1p(p)
+            out[j, 8] = popularity[it]
+            out[j, 9] = n_terms
+            out[j, 10] = th - tl
+        _ranks_desc(dense, s, e, out, 11)
+        _ranks_desc(lexical, s, e, out, 12)
     return out
 
 
@@ -177,7 +214,7 @@ def topk_segments(scores, offsets, ks):
     positions = np.empty(out_offsets[n_q], dtype=np.int64)
     for q in range(n_q):
         s, e = offsets[q], offsets[q + 1]
-        neg = np.empty(e - s, dtype=np.float32)
+        neg = np.empty(e - s, dtype=scores.dtype)
         for j in range(s, e):
             neg[j - s] = -scores[j]
         order = np.argsort(neg, kind="mergesort")

@@ -30,12 +30,20 @@ def _share(needles, haystack):
     return np.isin(needles, haystack).sum() / len(needles)
 
 
+def _ranks_desc(values):
+    order = np.lexsort((np.arange(len(values)), -values))
+    ranks = np.empty(len(values), dtype=np.float32)
+    ranks[order] = np.arange(len(values))
+    return ranks
+
+
 def rank_features(q_indptr, q_tokens, cand_offsets, cand_items, dense, lexical, title_indptr,
                   title_tokens, item_category, item_brand, cat_indptr, cat_tokens, brand_indptr,
-                  brand_tokens, price, popularity):
-    out = np.zeros((len(cand_items), 7), dtype=np.float32)
+                  brand_tokens, price, popularity, token_is_number):
+    out = np.zeros((len(cand_items), 13), dtype=np.float32)
     for q in range(len(q_indptr) - 1):
         query = q_tokens[q_indptr[q] : q_indptr[q + 1]]
+        numbers = np.array([t for t in query if t >= 0 and token_is_number[t]], dtype=np.int64)
         s, e = cand_offsets[q], cand_offsets[q + 1]
         best = max(lexical[s:e].max(initial=0.0), 0.0)
         for j in range(s, e):
@@ -43,14 +51,20 @@ def rank_features(q_indptr, q_tokens, cand_offsets, cand_items, dense, lexical, 
             title = title_tokens[title_indptr[it] : title_indptr[it + 1]]
             out[j, 0] = dense[j]
             out[j, 1] = lexical[j] / best if best > 0 else 0.0
-            out[j, 2] = np.isin(query, title).sum() / len(query) if len(query) else 0.0
+            out[j, 2] = lexical[j]
+            out[j, 3] = np.isin(query, title).sum() / len(query) if len(query) else 0.0
+            out[j, 4] = np.isin(numbers, title).sum() / len(numbers) if len(numbers) else -1.0
             c, b = item_category[it], item_brand[it]
             if c >= 0:
-                out[j, 3] = _share(cat_tokens[cat_indptr[c] : cat_indptr[c + 1]], query)
+                out[j, 5] = _share(cat_tokens[cat_indptr[c] : cat_indptr[c + 1]], query)
             if b >= 0:
-                out[j, 4] = _share(brand_tokens[brand_indptr[b] : brand_indptr[b + 1]], query)
-            out[j, 5] = np.log1p(price[it]) if np.isfinite(price[it]) and price[it] > 0 else 0.0
-            out[j, 6] = popularity[it]
+                out[j, 6] = _share(brand_tokens[brand_indptr[b] : brand_indptr[b + 1]], query)
+            out[j, 7] = np.log1p(price[it]) if np.isfinite(price[it]) and price[it] > 0 else 0.0
+            out[j, 8] = popularity[it]
+            out[j, 9] = len(query)
+            out[j, 10] = len(title)
+        out[s:e, 11] = _ranks_desc(dense[s:e])
+        out[s:e, 12] = _ranks_desc(lexical[s:e])
     return out
 
 
@@ -79,3 +93,28 @@ def topk_segments(scores, offsets, ks):
         positions.extend(pos[order])
         out_offsets.append(out_offsets[-1] + len(order))
     return np.asarray(out_offsets, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+
+
+def _walk(x, node_feature, node_threshold, node_left, node_right, root):
+    path = [root]
+    while node_feature[path[-1]] >= 0:
+        n = path[-1]
+        path.append(node_left[n] if float(x[node_feature[n]]) <= node_threshold[n] else node_right[n])
+    return path
+
+
+def tree_scores(features, node_feature, node_threshold, node_left, node_right, node_value, tree_roots):
+    return np.array([
+        sum(node_value[_walk(x, node_feature, node_threshold, node_left, node_right, r)[-1]] for r in tree_roots)
+        for x in features
+    ], dtype=np.float64)
+
+
+def tree_contributions(x, node_feature, node_threshold, node_left, node_right, node_value, tree_roots, n_features):
+    out = np.zeros(n_features + 1)
+    for r in tree_roots:
+        path = _walk(x, node_feature, node_threshold, node_left, node_right, r)
+        out[n_features] += node_value[path[0]]
+        for parent, child in zip(path, path[1:]):
+            out[node_feature[parent]] += node_value[child] - node_value[parent]
+    return out

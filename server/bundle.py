@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common import bundle_format as bf
-from common.text import tokenize
+from common.text import number_tokens, tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class LexicalIndex:
     bm25_data: np.ndarray
     title_indptr: np.ndarray
     title_tokens: np.ndarray
+    token_is_number: np.ndarray  # bool per vocabulary id
 
     def token_ids(self, text: str) -> np.ndarray:
         """Distinct token ids of text, sorted; -1 stands for any word outside the vocabulary."""
@@ -70,11 +71,14 @@ class LexicalIndex:
 
 @dataclass(frozen=True)
 class Reranker:
-    """Linear scoring weights for Search and for SimilarItems, in the kernels' feature order."""
+    """The bundle's Search scorer (linear weights or LambdaMART trees, in the kernels' feature order)
+    and the linear weights of SimilarItems."""
 
+    kind: str  # linear | lambdamart
     features: tuple[str, ...]
-    weights: np.ndarray
+    weights: np.ndarray  # linear only
     bias: float
+    trees: dict[str, np.ndarray] | None  # lambdamart only: the node arrays of kernels.trees
     similar_features: tuple[str, ...]
     similar_weights: np.ndarray
     similar_bias: float
@@ -165,9 +169,32 @@ def _load_items(root: Path, manifest: dict[str, Any], vocab: dict[str, int]) -> 
     )
 
 
+TREE_ARRAYS = ("node_feature", "node_threshold", "node_left", "node_right", "node_value", "tree_roots")
+
+
+def _load_trees(root: Path, file: str) -> dict[str, np.ndarray]:
+    data = np.load(root / file, allow_pickle=False)
+    missing = set(TREE_ARRAYS) - set(data.files)
+    _require(not missing, f"{root}: reranker trees lack arrays {sorted(missing)}")
+    trees = {k: data[k] for k in TREE_ARRAYS}
+    n_nodes = len(trees["node_feature"])
+    for k in ("node_threshold", "node_left", "node_right", "node_value"):
+        _require(len(trees[k]) == n_nodes, f"{root}: reranker tree array {k} has the wrong length")
+    internal = trees["node_feature"] >= 0
+    _require(bool((trees["node_feature"] < len(FEATURE_NAMES)).all()), f"{root}: a tree splits on an unknown feature")
+    for k in ("node_left", "node_right"):
+        _require(bool(((trees[k][internal] > 0) & (trees[k][internal] < n_nodes)).all()),
+                 f"{root}: reranker trees have out-of-range child links")
+    _require(bool(((trees["tree_roots"] >= 0) & (trees["tree_roots"] < n_nodes)).all()),
+             f"{root}: reranker tree roots out of range")
+    _require(bool(np.isfinite(trees["node_value"]).all()), f"{root}: reranker trees hold NaN values")
+    return trees
+
+
 def _load_reranker(root: Path, manifest: dict[str, Any]) -> Reranker:
     spec = json.loads((root / manifest["reranker"]["file"]).read_text(encoding="utf-8"))
-    _require(spec.get("type") == "linear", f"{root}: reranker type {spec.get('type')!r} is not supported by this server")
+    kind = spec.get("type")
+    _require(kind in ("linear", "lambdamart"), f"{root}: reranker type {kind!r} is not supported by this server")
     _require(
         tuple(spec.get("features", ())) == FEATURE_NAMES,
         f"{root}: reranker features {spec.get('features')} differ from this server's schema {list(FEATURE_NAMES)}",
@@ -177,12 +204,16 @@ def _load_reranker(root: Path, manifest: dict[str, Any]) -> Reranker:
         tuple(similar.get("features", ())) == SIMILAR_FEATURE_NAMES,
         f"{root}: similar-items features {similar.get('features')} differ from {list(SIMILAR_FEATURE_NAMES)}",
     )
-    weights = np.asarray(spec["weights"], dtype=np.float32)
     sim_weights = np.asarray(similar["weights"], dtype=np.float32)
-    _require(weights.shape == (len(FEATURE_NAMES),) and np.isfinite(weights).all(), f"{root}: bad reranker weights")
     _require(sim_weights.shape == (len(SIMILAR_FEATURE_NAMES),) and np.isfinite(sim_weights).all(),
              f"{root}: bad similar-items weights")
-    return Reranker(FEATURE_NAMES, weights, float(spec.get("bias", 0.0)),
+    weights, trees = np.zeros(len(FEATURE_NAMES), np.float32), None
+    if kind == "linear":
+        weights = np.asarray(spec["weights"], dtype=np.float32)
+        _require(weights.shape == (len(FEATURE_NAMES),) and np.isfinite(weights).all(), f"{root}: bad reranker weights")
+    else:
+        trees = _load_trees(root, spec["trees_file"])
+    return Reranker(kind, FEATURE_NAMES, weights, float(spec.get("bias", 0.0)), trees,
                     SIMILAR_FEATURE_NAMES, sim_weights, float(similar.get("bias", 0.0)))
 
 
@@ -207,7 +238,7 @@ def load_bundle(path: str | Path) -> Bundle:
         words = json.loads((root / manifest["lexical"]["vocab"]).read_text(encoding="utf-8"))
         vocab = {w: i for i, w in enumerate(words)}
         lexical = LexicalIndex(vocab, lex["bm25_indptr"], lex["bm25_indices"], lex["bm25_data"],
-                               lex["title_indptr"], lex["title_tokens"])
+                               lex["title_indptr"], lex["title_tokens"], number_tokens(words))
         items = _load_items(root, manifest, vocab)
         vectors = np.load(root / manifest["items"]["vectors"], allow_pickle=False).astype(np.float32)
         index = faiss.read_index(str(root / manifest["index"]["file"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import features as K
+from kernels import trees as T
 from server.bundle import Bundle
 from server.types import Contribution, Hit
 
@@ -50,18 +51,37 @@ class Ranker:
             q_indptr, q_flat, cand_offsets, cand_items, dense_flat, lex_flat,
             self.lex.title_indptr, self.lex.title_tokens, it.category_id, it.brand_id,
             it.cat_indptr, it.cat_tokens, it.brand_indptr, it.brand_tokens, it.price, self.popularity,
+            self.lex.token_is_number,
         )
-        scores = K.linear_scores(feats, self.model.weights, np.float32(self.model.bias))
+        scores = self._score(feats)
         out_offsets, positions = K.topk_segments(scores, cand_offsets, np.asarray(ks, dtype=np.int64))
         results = []
         for q in range(len(ks)):
             picks = positions[out_offsets[q] : out_offsets[q + 1]]
             results.append([
-                Hit(int(cand_items[p]), float(scores[p]),
-                    _explain(self.model.features, feats[p], self.model.weights, self.model.bias) if explain[q] else ())
+                Hit(int(cand_items[p]), float(scores[p]), self._explain(feats[p]) if explain[q] else ())
                 for p in picks
             ])
         return results
+
+    def _score(self, feats: np.ndarray) -> np.ndarray:
+        m = self.model
+        if m.kind == "linear":
+            return K.linear_scores(feats, m.weights, np.float32(m.bias))
+        t = m.trees
+        return T.tree_scores(feats, t["node_feature"], t["node_threshold"], t["node_left"], t["node_right"],
+                             t["node_value"], t["tree_roots"])
+
+    def _explain(self, row: np.ndarray) -> tuple[Contribution, ...]:
+        m = self.model
+        if m.kind == "linear":
+            return _explain(m.features, row, m.weights, m.bias)
+        t = m.trees
+        parts = T.tree_contributions(row, t["node_feature"], t["node_threshold"], t["node_left"], t["node_right"],
+                                     t["node_value"], t["tree_roots"], len(m.features))
+        out = [Contribution(n, float(v), float(c)) for n, v, c in zip(m.features, row, parts[:-1])]
+        out.append(Contribution("bias", 1.0, float(parts[-1])))
+        return tuple(out)
 
     def rank_similar(self, source: int, candidates: np.ndarray, dense: np.ndarray, k: int, explain: bool) -> list[Hit]:
         it = self.items

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
     """Boolean mask of the items a filter admits, or None when nothing is filtered.
 
-    Unknown category or brand names match nothing (an empty result, not an error). Items with an
+    Unknown category or brand names (and unknown item ids) match nothing (an empty result, not an error). Items with an
     unknown price never pass a price bound.
     """
     if not filters.active:
@@ -41,6 +41,11 @@ def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
     if filters.brands:
         ids = [items.brand_index[b.strip().lower()] for b in filters.brands if b.strip().lower() in items.brand_index]
         mask &= np.isin(items.brand_id, np.asarray(ids, dtype=np.int32))
+    if filters.item_ids:
+        rows = [items.id_to_row[i] for i in filters.item_ids if i in items.id_to_row]
+        allowed = np.zeros(len(items), dtype=bool)
+        allowed[rows] = True
+        mask &= allowed
     return mask
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_ID_CHARS = 256
 MAX_FILTER_VALUES = 100
 MAX_FILTER_VALUE_CHARS = 200
+MAX_FILTER_ITEM_IDS = 1000
 
 # Domain error -> gRPC status: the one table.
 _STATUS = {
@@ -108,9 +109,9 @@ def _price(f, name: str) -> float | None:
     return float(value)
 
 
-def _names(values, field: str) -> tuple[str, ...]:
-    if len(values) > MAX_FILTER_VALUES:
-        raise InvalidArgument(f"{field} has {len(values)} values; the limit is {MAX_FILTER_VALUES}", field=field)
+def _names(values, field: str, limit: int = MAX_FILTER_VALUES) -> tuple[str, ...]:
+    if len(values) > limit:
+        raise InvalidArgument(f"{field} has {len(values)} values; the limit is {limit}", field=field)
     return tuple(_text_field(v, field, MAX_FILTER_VALUE_CHARS, required=True) for v in values)
 
 
@@ -121,7 +122,8 @@ def to_filters(f) -> Filters:
         raise InvalidArgument(f"filters.min_price ({lo}) must not exceed filters.max_price ({hi})",
                               field="filters.min_price")
     return Filters(min_price=lo, max_price=hi, categories=_names(f.categories, "filters.categories"),
-                   brands=_names(f.brands, "filters.brands"), in_stock_only=f.in_stock_only)
+                   brands=_names(f.brands, "filters.brands"), in_stock_only=f.in_stock_only,
+                   item_ids=_names(f.item_ids, "filters.item_ids", MAX_FILTER_ITEM_IDS))
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

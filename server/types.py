@@ -13,11 +13,12 @@ class Filters:
     categories: tuple[str, ...] = ()
     brands: tuple[str, ...] = ()
     in_stock_only: bool = False
+    item_ids: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
         return (self.min_price is not None or self.max_price is not None or bool(self.categories)
-                or bool(self.brands) or self.in_stock_only)
+                or bool(self.brands) or self.in_stock_only or bool(self.item_ids))
 
 
 NO_FILTERS = Filters()

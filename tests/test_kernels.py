@@ -71,7 +71,7 @@ def _rank_inputs(rng, n_queries, max_cands, n_items=40, vocab=25):
     cand_items = np.concatenate([np.sort(rng.choice(n_items, size=c, replace=False)) for c in counts]
                                 or [np.empty(0)]).astype(np.int64)
     n = len(cand_items)
-    dense = rng.uniform(-1, 1, n).astype(np.float32)
+    dense = np.round(rng.uniform(-1, 1, n), 1).astype(np.float32)  # ties exercise the rank features
     lexical = np.where(rng.random(n) < 0.5, 0, rng.random(n) * 10).astype(np.float32)
     title_indptr, title_tokens = _csr(rng, n_items, vocab, 6)
     n_cat, n_brand = 5, 6
@@ -81,8 +81,10 @@ def _rank_inputs(rng, n_queries, max_cands, n_items=40, vocab=25):
     brand_indptr, brand_tokens = _csr(rng, n_brand, vocab, 2)
     price = np.where(rng.random(n_items) < 0.2, np.nan, rng.uniform(0, 500, n_items)).astype(np.float32)
     popularity = rng.random(n_items).astype(np.float32)
+    token_is_number = rng.random(vocab) < 0.3
     return (q_indptr, q_tokens, cand_offsets, cand_items, dense, lexical, title_indptr, title_tokens,
-            item_category, item_brand, cat_indptr, cat_tokens, brand_indptr, brand_tokens, price, popularity)
+            item_category, item_brand, cat_indptr, cat_tokens, brand_indptr, brand_tokens, price, popularity,
+            token_is_number)
 
 
 @pytest.mark.parametrize("n_queries,max_cands", [(0, 0), (1, 0), (1, 1), (3, 1), (4, 20), (16, 40)])

@@ -82,7 +82,7 @@ def test_explain_contributions_sum_to_score(stub, pb):
     resp = search(stub, pb, "dewalt drill", k=5, explain=True)
     for item in resp.items:
         names = [c.name for c in item.explanation]
-        assert names[:3] == ["dense", "lexical", "coverage"] and names[-1] == "bias"
+        assert names[:4] == ["dense", "lexical", "bm25", "coverage"] and names[-1] == "bias"
         assert sum(c.contribution for c in item.explanation) == pytest.approx(item.score, abs=1e-4)
     assert not search(stub, pb, "dewalt drill", k=5).items[0].explanation  # only on request
 
@@ -232,3 +232,12 @@ def test_reflection_lists_the_service(channel):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"searchrec.v1.SearchRecommend", "grpc.health.v1.Health"} <= names
+
+
+def test_item_ids_filter_restricts_and_reranks_a_given_list(stub, pb):
+    ids = ["SR-00001", "SR-00100", "SR-00200", "NOT-AN-ID"]
+    resp = search(stub, pb, "cordless drill", k=10, filters=pb.Filters(item_ids=ids))
+    assert {i.item_id for i in resp.items} == set(ids[:3])  # unknown ids match nothing
+    assert resp.items[0].item_id == "SR-00001"
+    err = rpc_error(search, stub, pb, "drill", filters=pb.Filters(item_ids=["x"] * 1001))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 1000" in err.details()

@@ -37,14 +37,31 @@ log = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = {
     "dense": 1.0,
     "lexical": 0.35,
+    "bm25": 0.0,
     "coverage": 0.35,
+    "number_match": 0.0,
     "category_match": 0.15,
     "brand_match": 0.2,
     "log_price": 0.0,
     "popularity": 0.05,
+    "query_terms": 0.0,
+    "title_terms": 0.0,
+    "dense_rank": 0.0,
+    "lexical_rank": 0.0,
 }
 DEFAULT_SIMILAR_WEIGHTS = {"dense": 1.0, "same_category": 0.1, "same_brand": 0.05, "popularity": 0.05}
 FLAT_MAX_ITEMS = 100_000  # exact search below this; HNSW above
+
+
+def similar_spec() -> dict[str, Any]:
+    return {"features": list(SIMILAR_FEATURE_NAMES),
+            "weights": [DEFAULT_SIMILAR_WEIGHTS[f] for f in SIMILAR_FEATURE_NAMES], "bias": 0.0}
+
+
+def default_reranker() -> dict[str, Any]:
+    """Hand-set linear weights, for bundles built without judgments."""
+    return {"type": "linear", "features": list(FEATURE_NAMES), "weights": [DEFAULT_WEIGHTS[f] for f in FEATURE_NAMES],
+            "bias": 0.0, "similar": similar_spec()}
 
 
 @dataclass
@@ -185,26 +202,12 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
 
     popularity = opts.popularity if opts.popularity is not None else np.zeros(len(items), np.float32)
     np.save(root / bf.POPULARITY_FILE, popularity.astype(np.float32))
-    reranker = {
-        "type": "linear",
-        "features": list(FEATURE_NAMES),
-        "weights": [DEFAULT_WEIGHTS[f] for f in FEATURE_NAMES],
-        "bias": 0.0,
-        "similar": {
-            "features": list(SIMILAR_FEATURE_NAMES),
-            "weights": [DEFAULT_SIMILAR_WEIGHTS[f] for f in SIMILAR_FEATURE_NAMES],
-            "bias": 0.0,
-        },
-    }
-    (root / bf.RERANKER_FILE).write_text(json.dumps(reranker, indent=2), encoding="utf-8")
+    (root / bf.RERANKER_FILE).write_text(json.dumps(default_reranker(), indent=2), encoding="utf-8")
 
-    files = bf.checksum_tree(root)
-    created = datetime.now(timezone.utc)
-    digest = bf.sha256_text(json.dumps(files, sort_keys=True))[:8]
     manifest: dict[str, Any] = {
         "schema_version": bf.SCHEMA_VERSION,
-        "bundle_version": f"{opts.name}-{created:%Y%m%dT%H%M%SZ}-{digest}",
-        "created_at": created.isoformat(),
+        "name": opts.name,
+        "bundle_version": "",
         "code_version": code_version(),
         "data_fingerprints": opts.data_fingerprints,
         "encoder": {
@@ -228,7 +231,16 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
         "metrics": {},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         **opts.extra_manifest,
-        "files": files,
     }
+    return seal(root, manifest)
+
+
+def seal(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every file, stamp the version (name-time-digest) and write manifest.json last."""
+    manifest["files"] = bf.checksum_tree(root)
+    created = datetime.now(timezone.utc)
+    digest = bf.sha256_text(json.dumps(manifest["files"], sort_keys=True))[:8]
+    manifest["created_at"] = created.isoformat()
+    manifest["bundle_version"] = f"{manifest.get('name', 'bundle')}-{created:%Y%m%dT%H%M%SZ}-{digest}"
     (root / bf.MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
