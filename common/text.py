@@ -11,6 +11,7 @@ import re
 import threading
 import unicodedata
 
+import numpy as np
 import Stemmer
 
 # Lucene/bm25s English stopword list: short, so that product words like "off" or "top" survive.
@@ -48,8 +49,6 @@ def has_control_chars(text: str) -> bool:
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def number_tokens(vocabulary: list[str]) -> "np.ndarray":
+def number_tokens(vocabulary: list[str]) -> np.ndarray:
     """Boolean mask over a vocabulary: which tokens are numbers (sizes, counts, model numbers)."""
-    import numpy as np
-
     return np.fromiter((bool(_NUMBER.fullmatch(w)) for w in vocabulary), dtype=np.bool_, count=len(vocabulary))

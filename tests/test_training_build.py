@@ -88,3 +88,22 @@ def test_manifest_describes_the_bundle(sample_bundle):
     assert manifest["data_fingerprints"]["catalog"].startswith("sha256:")
     assert "encoder/model.safetensors" in manifest["files"]
     assert set(manifest["timings"]) >= {"encode_s", "index_s", "lexical_s"}
+
+
+def test_large_catalogs_get_hnsw_with_measured_recall():
+    import numpy as np
+
+    from training.bundle_writer import ann_recall, build_index
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(3000, 32)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index, params = build_index(vecs, flat_max_items=1000)
+    assert params["type"] == "hnsw_ip" and params["recall@100_vs_exact"] >= 0.98
+    assert index.hnsw.efSearch == params["efSearch"]
+    # The recorded recall is what the index really does on fresh queries.
+    q = vecs[rng.choice(3000, 100)] + rng.normal(0, 0.05, (100, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert ann_recall(index, vecs, q) >= 0.95
+    small, p_small = build_index(vecs[:500], flat_max_items=1000)
+    assert p_small["type"] == "flat_ip" and small.ntotal == 500

