@@ -200,14 +200,15 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
         optimizer.step()
         sched.step()
         optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
         if progress is not None:
-            progress(1, loss.item())
+            progress(1, loss_value)
         elapsed = time.perf_counter() - started
         out_of_time = elapsed > cfg.max_minutes * 60
         if dev.queries and (step % cfg.eval_every == 0 or step == total or out_of_time):
             score = dev_ndcg(model, tokenizer, texts, dev, cfg, device)
             report.history.append((step, score))
-            log.info("step %d loss %.4f dev nDCG@10 %.4f", step, float(loss), score)
+            log.info("step %d loss %.4f dev nDCG@10 %.4f", step, loss_value, score)
             if score > best:
                 best, report.best_step, bad_evals = score, step, 0
                 best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
