@@ -122,7 +122,7 @@ def test_pipeline_writes_a_complete_evaluated_bundle(tiny_build):
         assert set(test[system]) >= {"ndcg@10", "recall@100", "judged_ndcg@10", "latency_ms"}
         assert 0.0 <= test[system]["ndcg@10"] <= 1.0
     assert test["bundle"]["version"] == manifest["bundle_version"]
-    assert set(manifest["timings"]["pipeline_s"]) >= {"prepare", "zero_shot", "mine", "finetune", "stage", "rerank"}
+    assert set(manifest["timings"]["pipeline_s"]) >= {"prepare", "zero_shot", "mine", "finetune_full", "stage", "rerank"}
     assert manifest["data_fingerprints"]["judgments"].startswith("sha256:")
     assert (tiny_build / "evaluation.png").stat().st_size > 1000
 
@@ -137,7 +137,8 @@ def test_pipeline_bundle_is_served_and_verified(tiny_build):
 def test_pipeline_steps_are_restartable(tiny_build):
     work = tiny_build.parent / "bundle.work"
     markers = sorted(p.name for p in work.glob("*.done.json"))
-    assert markers == sorted(f"{s}.done.json" for s in ("prepare", "zero_shot", "mine", "finetune", "stage", "rerank"))
+    steps = ("prepare", "zero_shot", "mine", "finetune_full", "stage", "rerank")
+    assert markers == sorted(f"{s}.done.json" for s in steps)
     # A second run over the same work directory skips every finished step.
     rc = training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--judgments", str(SAMPLE / "judgments.csv"),
                         "--out", str(tiny_build.parent / "again"), "--work", str(work), "--max-steps", "6",

@@ -138,7 +138,7 @@ def _summary(pipe, manifest: dict, started: float) -> None:
     print(f"  items {manifest['items']['count']}, index {manifest['index']['type']}, reranker {manifest['reranker']['type']}")
     steps = ", ".join(f"{k} {v:.0f}s" for k, v in pipe.timings.items())
     print(f"  steps: {steps}; total {time.perf_counter() - started:.0f}s on {pipe.cfg.device}/{pipe.cfg.dtype}")
-    ft = pipe.notes.get("finetune", {})
+    ft = pipe.notes.get(f"finetune_{pipe.cfg.finetune.method}", {})
     if ft:
         print(f"  fine-tune ({ft['method']}): {ft['steps']} steps, dev nDCG@10 {ft['dev_ndcg_start']:.4f} -> "
               f"{ft['dev_ndcg_best']:.4f} (best at step {ft['best_step']}; {ft['stopped']})")
@@ -191,11 +191,14 @@ def cmd_step(args: argparse.Namespace) -> int:
     elif args.command == "finetune-encoder":
         pipe._step("zero_shot", {"inputs": fp, "pretrained": str(pipe.cfg.pretrained)}, pipe.zero_shot)
         pipe._step("mine", {"inputs": fp}, pipe.mine)
-        pipe._step("finetune", {"inputs": fp, "finetune": ft}, pipe.finetune)
+        pipe._step(f"finetune_{ft['method']}", {"inputs": fp, "finetune": ft}, pipe.finetune)
     elif args.command == "encode":
         pipe._step("stage", {"inputs": fp, "finetune": ft}, pipe.stage)
     elif args.command == "train-reranker":
-        pipe._step("rerank", {"inputs": fp, "finetune": ft, "candidates": pipe.cfg.candidates}, pipe.rerank)
+        from kernels import FEATURE_NAMES
+
+        pipe._step("rerank", {"inputs": fp, "finetune": ft, "candidates": pipe.cfg.candidates,
+                              "features": list(FEATURE_NAMES)}, pipe.rerank)
     print(json.dumps({"timings_s": pipe.timings, "result": pipe.notes}, indent=2, default=str)[:4000])
     return 0
 

@@ -240,7 +240,7 @@ class Pipeline:
             manifest["reranker"] = {"file": bf.RERANKER_FILE, "type": "lambdamart", "features": list(FEATURE_NAMES),
                                     "training": self.notes.get("rerank", {})}
             manifest["data_report"] = self.notes.get("prepare", {})
-            manifest["finetune"] = self.notes.get("finetune", {})
+            manifest["finetune"] = self.notes.get(f"finetune_{self.cfg.finetune.method}", {})
             manifest["parameters"] = {"finetune": asdict(self.cfg.finetune), "candidates": self.cfg.candidates,
                                       "positive_at": POSITIVE_AT, "splits": "by query: train 70% / rerank 15% / test 15%"}
             manifest["data_fingerprints"] = self.fingerprints()
@@ -276,9 +276,10 @@ class Pipeline:
         self._step("prepare", {"inputs": fp}, self.prepare)
         self._step("zero_shot", {"inputs": fp, "pretrained": str(self.cfg.pretrained)}, self.zero_shot)
         self._step("mine", {"inputs": fp}, self.mine)
-        self._step("finetune", {"inputs": fp, "finetune": ft}, self.finetune)
+        self._step(f"finetune_{ft['method']}", {"inputs": fp, "finetune": ft}, self.finetune)
         self._step("stage", {"inputs": fp, "finetune": ft}, self.stage)
-        self._step("rerank", {"inputs": fp, "finetune": ft, "candidates": self.cfg.candidates}, self.rerank)
+        self._step("rerank", {"inputs": fp, "finetune": ft, "candidates": self.cfg.candidates,
+                              "features": list(FEATURE_NAMES)}, self.rerank)
         t0 = time.perf_counter()
         manifest = self.assemble()
         self.timings["assemble"] = round(time.perf_counter() - t0, 1)
