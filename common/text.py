@@ -52,3 +52,10 @@ _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 def number_tokens(vocabulary: list[str]) -> np.ndarray:
     """Boolean mask over a vocabulary: which tokens are numbers (sizes, counts, model numbers)."""
     return np.fromiter((bool(_NUMBER.fullmatch(w)) for w in vocabulary), dtype=np.bool_, count=len(vocabulary))
+
+
+def term_ids(text: str, vocab: dict[str, int]) -> np.ndarray:
+    """Distinct token ids of text, sorted; -1 stands for any word outside the vocabulary.
+
+    The query side of the lexical index: the server and the trainer both call this."""
+    return np.array(sorted({vocab.get(t, -1) for t in tokenize(text)}), dtype=np.int32)

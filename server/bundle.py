@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common import bundle_format as bf
-from common.text import number_tokens, tokenize
+from common.text import number_tokens, term_ids, tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class LexicalIndex:
 
     def token_ids(self, text: str) -> np.ndarray:
         """Distinct token ids of text, sorted; -1 stands for any word outside the vocabulary."""
-        ids = {self.vocab.get(t, -1) for t in tokenize(text)}
-        return np.array(sorted(ids), dtype=np.int32)
+        return term_ids(text, self.vocab)
 
 
 @dataclass(frozen=True)

@@ -104,11 +104,18 @@ def make_config(bundle: Path, **overrides):
     return ServerConfig(bundle=bundle, port=0, device="cpu", **overrides)
 
 
+def serve(bundle: Path, **overrides):
+    """Run a server on bundle for the duration of a fixture."""
+    srv = ServerThread(make_config(bundle, **overrides)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def server(sample_bundle):
-    srv = ServerThread(make_config(sample_bundle)).start()
-    yield srv
-    srv.stop()
+    yield from serve(sample_bundle)
 
 
 @pytest.fixture(scope="session")

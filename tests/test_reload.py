@@ -7,14 +7,13 @@ import threading
 import grpc
 import pytest
 
-from tests.conftest import ServerThread, make_config
+from tests.conftest import serve
 
 
 @pytest.fixture(scope="module")
 def reload_server(sample_bundle):
-    srv = ServerThread(make_config(sample_bundle)).start()
-    yield srv
-    srv.stop()
+    # Its own server: reloads change what it serves, so the session server stays untouched.
+    yield from serve(sample_bundle)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from common import bundle_format as bf
 from common.encoding import TextEncoder
-from common.text import tokenize
+from common.text import term_ids
 from kernels import FEATURE_NAMES
 from kernels import features as K
 from training import data as D
@@ -134,7 +134,7 @@ class Pipeline:
         for s in tqdm(range(0, len(queries), 256), desc="mine negatives", unit="batch"):
             qs = queries[s : s + 256]
             dense = index.search(enc.encode(qs, batch_size=128), 30)[1]
-            toks = [np.array(sorted({vocab.get(t, -1) for t in tokenize(q)}), np.int32) for q in qs]
+            toks = [term_ids(q, vocab) for q in qs]
             indptr = np.zeros(len(qs) + 1, np.int64)
             indptr[1:] = np.cumsum([len(t) for t in toks])
             bm25 = K.bm25_accumulate(indptr, np.concatenate(toks), arrays["bm25_indptr"], arrays["bm25_indices"],

@@ -21,7 +21,7 @@ import pandas as pd
 
 from common import bundle_format as bf
 from common.encoding import TextEncoder
-from common.text import number_tokens, tokenize
+from common.text import number_tokens, term_ids
 from kernels import FEATURE_NAMES
 from kernels import features as K
 
@@ -63,16 +63,13 @@ class StageSearcher:
         self._empty_csr = (np.zeros(1, np.int64), np.zeros(0, np.int32))
         self.price = self.items["price"].astype("float64").to_numpy(dtype=np.float32, na_value=np.nan)
 
-    def token_ids(self, text: str) -> np.ndarray:
-        return np.array(sorted({self.vocab.get(t, -1) for t in tokenize(text)}), dtype=np.int32)
-
     def gather(self, queries: list[str], batch: int = 64) -> CandidateSet:
         offsets, rows, feats = [0], [], []
         for s in range(0, len(queries), batch):
             qs = queries[s : s + batch]
             qv = self.encoder.encode(qs, batch_size=batch)
             dense_rows = self.index.search(qv, self.candidates)[1]
-            toks = [self.token_ids(q) for q in qs]
+            toks = [term_ids(q, self.vocab) for q in qs]
             q_indptr = np.zeros(len(qs) + 1, np.int64)
             q_indptr[1:] = np.cumsum([len(t) for t in toks])
             q_flat = np.concatenate(toks).astype(np.int32)
