@@ -58,3 +58,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# The recommender part of a bundle (optional: bundles built without behaviour data have none).
+REC_MODEL_FILE = "recommender.safetensors"  # SeqEncoder weights (+ text_proj.weight when items have text)
+REC_VECTORS_FILE = "rec_item_vectors.npy"  # float32 [items, d], row-aligned with the item table
+REC_USERS_FILE = "rec_users.parquet"  # user_id per history row
+REC_HISTORY_FILE = "rec_history.npz"  # indptr, items (item rows, oldest first), types
+REC_STATS_FILE = "rec_stats.npz"  # popularity, co_indptr, co_indices, co_weights

@@ -118,3 +118,33 @@ def tree_contributions(x, node_feature, node_threshold, node_left, node_right, n
         for parent, child in zip(path, path[1:]):
             out[node_feature[parent]] += node_value[child] - node_value[parent]
     return out
+
+
+# --- kernels.recfeatures ------------------------------------------------------------------------
+
+def rec_features(cand_offsets, cand_items, model_scores, hist_indptr, hist_items, popularity,
+                 co_indptr, co_indices, co_weights, item_category, log_price):
+    from kernels.recfeatures import CO_DECAY, CO_RECENT, N_REC_FEATURES
+
+    out = np.zeros((len(cand_items), N_REC_FEATURES), dtype=np.float32)
+    co = {}
+    for src in range(len(co_indptr) - 1):
+        for p in range(co_indptr[src], co_indptr[src + 1]):
+            co[(src, int(co_indices[p]))] = float(co_weights[p])
+    for u in range(len(cand_offsets) - 1):
+        hist = [int(h) for h in hist_items[hist_indptr[u]:hist_indptr[u + 1]]]
+        cats = [int(item_category[h]) for h in hist]
+        prices = [float(log_price[h]) for h in hist if not np.isnan(log_price[h])]
+        for i in range(cand_offsets[u], cand_offsets[u + 1]):
+            item = int(cand_items[i])
+            out[i, 0] = model_scores[i]
+            out[i, 1] = np.log1p(popularity[item])
+            recent = hist[::-1][:CO_RECENT]
+            out[i, 2] = sum(CO_DECAY ** n * co.get((h, item), 0.0) for n, h in enumerate(recent))
+            if item_category[item] >= 0 and hist:
+                out[i, 3] = cats.count(int(item_category[item])) / len(hist)
+            if prices and not np.isnan(log_price[item]):
+                out[i, 4] = -abs(log_price[item] - np.mean(prices))
+            if item in hist:
+                out[i, 5] = 1.0 / (1.0 + hist[::-1].index(item))
+    return out

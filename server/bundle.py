@@ -19,6 +19,7 @@ import pandas as pd
 from common import bundle_format as bf
 from common.text import number_tokens, term_ids, tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
+from kernels.recfeatures import REC_FEATURE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,27 @@ class Reranker:
 
 
 @dataclass(frozen=True)
+class RecParts:
+    """The recommender: sequence-encoder weights, item vectors (row-aligned with the item table),
+    users' histories, popularity and co-occurrence statistics and the re-scoring weights."""
+
+    spec: dict[str, Any]
+    state: dict[str, Any]  # safetensors tensors of the SeqEncoder (+ text_proj.weight)
+    vectors: np.ndarray  # float32 [n, d]
+    user_index: dict[str, int]
+    hist_indptr: np.ndarray
+    hist_items: np.ndarray
+    popularity: np.ndarray  # float32 [n], time-decayed counts
+    co_indptr: np.ndarray
+    co_indices: np.ndarray
+    co_weights: np.ndarray
+    weights: np.ndarray  # float32 [len(REC_FEATURE_NAMES)]
+
+    def history(self, user: int) -> np.ndarray:
+        return self.hist_items[self.hist_indptr[user]:self.hist_indptr[user + 1]]
+
+
+@dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: dict[str, Any]
@@ -97,6 +119,8 @@ class Bundle:
     popularity: np.ndarray  # float32 [n] in [0, 1]
     encoder_dir: Path
     encoder: dict[str, Any]
+    rec: RecParts | None = None  # the recommender, when the bundle was built with behaviour data
+    alive: np.ndarray | None = None  # bool per row; None = every row is alive (no live deletions)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -143,6 +167,13 @@ def _load_items(root: Path, manifest: dict[str, Any], vocab: dict[str, int]) -> 
     _require(not missing, f"{root}: items table lacks columns {sorted(missing)}")
     ids = df["item_id"].astype(str).tolist()
     _require(len(set(ids)) == len(ids), f"{root}: items table has duplicate item_id values")
+    return build_item_table(df, vocab)
+
+
+def build_item_table(df: pd.DataFrame, vocab: dict[str, int]) -> ItemTable:
+    """Columnar item table from a frame with item_id, title, category, brand, price, in_stock.
+    With repeated ids (live changes), id_to_row points at an id's last row."""
+    ids = df["item_id"].astype(str).tolist()
     categories = df["category"].fillna("").astype(str).tolist()
     brands = df["brand"].fillna("").astype(str).tolist()
     category_id, category_index, category_names = _encode_names(categories)
@@ -216,6 +247,31 @@ def _load_reranker(root: Path, manifest: dict[str, Any]) -> Reranker:
                     SIMILAR_FEATURE_NAMES, sim_weights, float(similar.get("bias", 0.0)))
 
 
+def _load_rec(root: Path, spec: dict[str, Any], n: int) -> RecParts:
+    from safetensors.torch import load_file  # safe format: tensors only, no code
+
+    _require(tuple(spec.get("features", ())) == REC_FEATURE_NAMES,
+             f"{root}: recommender features {spec.get('features')} differ from this server's {list(REC_FEATURE_NAMES)}")
+    weights = np.asarray(spec.get("weights", []), dtype=np.float32)
+    _require(weights.shape == (len(REC_FEATURE_NAMES),) and np.isfinite(weights).all(), f"{root}: bad recommender weights")
+    state = load_file(str(root / spec["model"]))
+    vectors = np.load(root / spec["vectors"], allow_pickle=False).astype(np.float32)
+    dims = int(spec["dims"])
+    _require(vectors.shape == (n, dims), f"{root}: recommender vectors have shape {vectors.shape}, expected ({n}, {dims})")
+    _require(np.isfinite(vectors).all(), f"{root}: recommender vectors contain NaN or infinity")
+    users = pd.read_parquet(root / spec["users"])["user_id"].astype(str).tolist()
+    hist = np.load(root / spec["history"], allow_pickle=False)
+    indptr, items = hist["indptr"].astype(np.int64), hist["items"].astype(np.int32)
+    _require(len(indptr) == len(users) + 1 and indptr[-1] == len(items), f"{root}: recommender histories are inconsistent")
+    _require(len(items) == 0 or (items.min() >= 0 and items.max() < n), f"{root}: a history names an item row out of range")
+    st = np.load(root / spec["stats"], allow_pickle=False)
+    pop = st["popularity"].astype(np.float32)
+    _require(pop.shape == (n,) and len(st["co_indptr"]) == n + 1, f"{root}: recommender statistics do not match the item count")
+    return RecParts(spec, state, vectors, {u: i for i, u in enumerate(users)}, indptr, items, pop,
+                    st["co_indptr"].astype(np.int64), st["co_indices"].astype(np.int32),
+                    st["co_weights"].astype(np.float32), weights)
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Read and verify a bundle directory; raises BundleError if anything is off."""
     root = Path(path)
@@ -243,6 +299,7 @@ def load_bundle(path: str | Path) -> Bundle:
         index = faiss.read_index(str(root / manifest["index"]["file"]))
         popularity = np.load(root / manifest["popularity"]["file"], allow_pickle=False).astype(np.float32)
         reranker = _load_reranker(root, manifest)
+        rec = _load_rec(root, manifest["recommender"], len(items)) if manifest.get("recommender") else None
     except BundleError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: FAISS read errors
@@ -270,4 +327,5 @@ def load_bundle(path: str | Path) -> Bundle:
         popularity=popularity,
         encoder_dir=encoder_dir,
         encoder=dict(manifest["encoder"]),
+        rec=rec,
     )

@@ -35,6 +35,11 @@ class ServerConfig:
     warmup: bool = True
     log_level: str = "INFO"
     max_message_bytes: int = 4 * 1024 * 1024
+    state_dir: Path | None = None  # event log + live catalog changes; None = write RPCs are refused
+    max_user_events: int = 50  # live events kept per user (the sequence model reads at most this many)
+    rec_candidates: int = 200  # recommender candidates per request before re-scoring
+    max_write_batch: int = 1000  # events / items / ids per write request
+    fsync: bool = True  # fsync the event log before acknowledging (off only for throwaway tests)
 
     def __post_init__(self) -> None:
         problems = []
@@ -48,6 +53,12 @@ class ServerConfig:
             problems.append("port must be in 0..65535")
         if self.candidates < 1:
             problems.append("candidates must be >= 1")
+        if self.max_user_events < 1:
+            problems.append("max_user_events must be >= 1")
+        if self.rec_candidates < 1:
+            problems.append("rec_candidates must be >= 1")
+        if self.max_write_batch < 1:
+            problems.append("max_write_batch must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -76,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, default=float(_env("grace_s", d.grace_s)))
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=True)
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    p.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
+                   help="durable event log and live catalog changes (required for Feedback/UpsertItems/DeleteItems)")
+    p.add_argument("--max-user-events", type=int, default=int(_env("max_user_events", d.max_user_events)))
+    p.add_argument("--rec-candidates", type=int, default=int(_env("rec_candidates", d.rec_candidates)))
+    p.add_argument("--max-write-batch", type=int, default=int(_env("max_write_batch", d.max_write_batch)))
     return p
 
 

@@ -38,7 +38,7 @@ class SearchEngine:
         qvecs = self.encoder.encode([q.text for q in queries], batch_size=max(len(queries), 1))
         t1 = time.perf_counter()
         items, vectors = self.bundle.items, self.bundle.vectors
-        masks = [filter_mask(items, q.filters) for q in queries]
+        masks = [self._mask(q.filters) for q in queries]
         ns = [max(self.config.candidates, q.k) for q in queries]
         dense_rows = self.dense.search(qvecs, ns, masks)
         tokens = [self.bundle.lexical.token_ids(q.text) for q in queries]
@@ -56,22 +56,38 @@ class SearchEngine:
         t3 = time.perf_counter()
         return [SearchOutcome(h, encode_s=t1 - t0, retrieve_s=t2 - t1, rank_s=t3 - t2) for h in hits]
 
+    def _mask(self, filters: Filters) -> np.ndarray | None:
+        """The filter's rows, less live deletions (None = everything)."""
+        mask = filter_mask(self.bundle.items, filters)
+        alive = self.bundle.alive
+        if alive is None:
+            return mask
+        return alive.copy() if mask is None else mask & alive
+
     def row_of(self, item_id: str) -> int:
         row = self.bundle.items.id_to_row.get(item_id)
         if row is None:
             raise NotFound(f"item_id {item_id!r} is not in the catalog", field="item_id")
         return row
 
-    def similar(self, item_id: str, k: int, filters: Filters = NO_FILTERS, explain: bool = False) -> list[Hit]:
-        """Items most like item_id (never itself), reranked with the bundle's similar-items weights."""
+    def similar(self, item_id: str, k: int, filters: Filters = NO_FILTERS, explain: bool = False,
+                rec=None) -> list[Hit]:
+        """Items most like item_id (never itself): vector neighbours, plus the items bought or viewed
+        with it when the bundle has a recommender, reranked with the similar-items weights."""
         source = self.row_of(item_id)
-        mask = filter_mask(self.bundle.items, filters)
+        mask = self._mask(filters)
         mask = np.ones(len(self.bundle.items), dtype=bool) if mask is None else mask.copy()
         mask[source] = False
         q = self.bundle.vectors[source]
         rows = self.dense.search_filtered(q, max(self.config.candidates, k), mask)
+        co, co_weight = None, 0.0
+        if rec is not None:
+            extra = rec.co_neighbours(source, self.config.candidates)
+            extra = extra[mask[extra]] if len(extra) else extra
+            rows = np.union1d(rows, extra)
+            co, co_weight = rec.similar_boost(source, rows), float(rec.spec.get("similar_co_weight", 0.5))
         rows = np.sort(rows)
-        return self.ranker.rank_similar(source, rows, self.bundle.vectors[rows] @ q, k, explain)
+        return self.ranker.rank_similar(source, rows, self.bundle.vectors[rows] @ q, k, explain, co, co_weight)
 
     def warmup(self) -> None:
         """Compile the kernels and warm the encoder before the bundle takes traffic."""
@@ -80,5 +96,8 @@ class SearchEngine:
         self.search_batch([SearchQuery(text=t, k=10) for t in some])
         self.search_batch([SearchQuery(text=some[0], k=5, explain=True,
                                        filters=Filters(min_price=0.0, in_stock_only=True))])
-        self.similar(self.bundle.items.ids[0], 5)
+        alive_ids = iter(self.bundle.items.id_to_row)
+        first = next(alive_ids, None)
+        if first is not None:
+            self.similar(first, 5)
         log.info("warm-up done in %.2fs", time.perf_counter() - started)

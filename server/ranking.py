@@ -83,17 +83,24 @@ class Ranker:
         out.append(Contribution("bias", 1.0, float(parts[-1])))
         return tuple(out)
 
-    def rank_similar(self, source: int, candidates: np.ndarray, dense: np.ndarray, k: int, explain: bool) -> list[Hit]:
+    def rank_similar(self, source: int, candidates: np.ndarray, dense: np.ndarray, k: int, explain: bool,
+                     co: np.ndarray | None = None, co_weight: float = 0.0) -> list[Hit]:
         it = self.items
         feats = K.similar_features(np.int32(it.category_id[source]), np.int32(it.brand_id[source]),
                                    candidates.astype(np.int64), dense.astype(np.float32),
                                    it.category_id, it.brand_id, self.popularity)
         m = self.model
         scores = K.linear_scores(feats, m.similar_weights, np.float32(m.similar_bias))
+        if co is not None:
+            scores = scores + np.float32(co_weight) * co.astype(np.float32)
         offsets = np.array([0, len(candidates)], dtype=np.int64)
         _, positions = K.topk_segments(scores, offsets, np.array([k], dtype=np.int64))
-        return [
-            Hit(int(candidates[p]), float(scores[p]),
-                _explain(m.similar_features, feats[p], m.similar_weights, m.similar_bias) if explain else ())
-            for p in positions
-        ]
+        hits = []
+        for p in positions:
+            why: tuple[Contribution, ...] = ()
+            if explain:
+                why = _explain(m.similar_features, feats[p], m.similar_weights, m.similar_bias)
+                if co is not None:
+                    why = why + (Contribution("co_occurrence", float(co[p]), float(co_weight * co[p])),)
+            hits.append(Hit(int(candidates[p]), float(scores[p]), why))
+        return hits

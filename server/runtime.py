@@ -14,6 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.encoding import TextEncoder
@@ -22,24 +23,78 @@ from server.bundle import Bundle, BundleError, load_bundle
 from server.config import ServerConfig
 from server.engine import SearchEngine
 from server.errors import FailedPrecondition
+from server.live import apply_changes, passage, pending
+from server.recommend import RecEngine
+from server.recommend import warm as warm_rec
+from server.state import LiveState
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Runtime:
+    """One bundle being served. `bundle` and the engines are replaced (on the compute thread, between
+    batches) when live catalog changes land; the batchers always call the current engines."""
+
     bundle: Bundle
     engine: SearchEngine
     batcher: DynamicBatcher
+    encoder: TextEncoder
+    rec: RecEngine | None = None
+    rec_batcher: DynamicBatcher | None = None
+    encode_batcher: DynamicBatcher | None = None
+    config: ServerConfig | None = None
 
     @property
     def version(self) -> str:
         return self.bundle.version
 
+    def _search(self, queries):
+        return self.engine.search_batch(queries)
+
+    def _recommend(self, queries):
+        return self.rec.recommend_batch(queries)
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        return list(self.encoder.encode(texts, batch_size=max(len(texts), 1)))
+
+    def batchers(self) -> list[DynamicBatcher]:
+        return [b for b in (self.batcher, self.rec_batcher, self.encode_batcher) if b is not None]
+
+    def apply_live(self, upserts: list[dict], deletes: list[str], vectors: np.ndarray,
+                   live_counts: dict[str, float]) -> None:
+        """Land catalog changes (compute thread only): new bundle view, new engines, one swap."""
+        rec_vectors = self.rec.text_vector(vectors) if self.rec is not None else None
+        bundle = apply_changes(self.bundle, upserts, deletes, vectors, rec_vectors)
+        engine = SearchEngine(bundle, self.encoder, self.config)
+        rec = make_rec(bundle, self.encoder.device, self.config, live_counts)
+        self.bundle, self.engine, self.rec = bundle, engine, rec
+
+    def start(self) -> None:
+        for b in self.batchers():
+            b.start()
+
+    async def close(self) -> None:
+        for b in self.batchers():
+            await b.close()
+
+
+def make_rec(bundle: Bundle, device: str, config: ServerConfig, live_counts: dict[str, float]) -> RecEngine | None:
+    if bundle.rec is None:
+        return None
+    rec = RecEngine(bundle, device, config.rec_candidates)
+    ids = bundle.items.id_to_row
+    for item_id, count in live_counts.items():
+        row = ids.get(item_id)
+        if row is not None:
+            rec.live_popularity[row] += count
+    return rec
+
 
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
-                  executor: Executor, stats: BatcherStats) -> Runtime:
-    """Load, verify and warm a bundle (blocking; run it off the event loop)."""
+                  executor: Executor, stats: BatcherStats, live: LiveState | None = None) -> Runtime:
+    """Load, verify and warm a bundle and land the live catalog changes it lacks (blocking; run it
+    off the event loop)."""
     started = time.perf_counter()
     bundle = load_bundle(path)
     enc = bundle.encoder
@@ -47,15 +102,34 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                           pooling=enc.get("pooling", "mean"), normalize=bool(enc.get("normalize", True)))
     if encoder.dims != int(enc["dims"]):
         raise BundleError(f"{path}: encoder produces {encoder.dims}-d vectors, manifest says {enc['dims']}")
+    counts = live.item_counts if live is not None else {}
     engine = SearchEngine(bundle, encoder, config)
+    runtime = Runtime(bundle, engine, None, encoder, make_rec(bundle, device, config, counts), config=config)  # type: ignore[arg-type]
+    if live is not None and live.items:
+        ups, dels = pending(bundle, live.items)
+        if ups or dels:
+            vecs = encoder.encode([passage(u) for u in ups], batch_size=64) if ups else np.zeros((0, encoder.dims), np.float32)
+            runtime.apply_live(ups, dels, vecs, counts)
+            log.info("live catalog changes applied to %s: %d upserts, %d deletes", bundle.version, len(ups), len(dels))
     if config.warmup:
-        engine.warmup()
-    batcher = DynamicBatcher(engine.search_batch, max_batch_size=config.max_batch_size,
-                             max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                             executor=executor, stats=stats, name=f"search[{bundle.version}]")
-    log.info("bundle %s ready in %.2fs: %d items, index %s, device %s/%s", bundle.version,
-             time.perf_counter() - started, len(bundle.items), bundle.index_type, device, dtype)
-    return Runtime(bundle, engine, batcher)
+        runtime.engine.warmup()
+        if runtime.rec is not None:
+            warm_rec(runtime.rec)
+    name = bundle.version
+    runtime.batcher = DynamicBatcher(runtime._search, max_batch_size=config.max_batch_size,
+                                     max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                                     executor=executor, stats=stats, name=f"search[{name}]")
+    if runtime.rec is not None:
+        runtime.rec_batcher = DynamicBatcher(runtime._recommend, max_batch_size=config.max_batch_size,
+                                             max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                                             executor=executor, stats=BatcherStats(), name=f"recommend[{name}]")
+    runtime.encode_batcher = DynamicBatcher(runtime._encode, max_batch_size=config.max_batch_size,
+                                            max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                                            executor=executor, stats=BatcherStats(), name=f"encode[{name}]")
+    log.info("bundle %s ready in %.2fs: %d items, index %s, recommender %s, device %s/%s", bundle.version,
+             time.perf_counter() - started, len(bundle.items), bundle.index_type,
+             "yes" if runtime.rec is not None else "no", device, dtype)
+    return runtime
 
 
 class RuntimeHolder:
@@ -68,6 +142,9 @@ class RuntimeHolder:
         self.compute = compute
         self.loader = loader
         self.stats = BatcherStats()
+        self.live = LiveState(config.state_dir, config.max_user_events, fsync=config.fsync) if config.state_dir else None
+        self.write_lock = asyncio.Lock()  # one Feedback at a time: duplicate checks + log order
+        self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
         self._current: Runtime | None = None
         self._lock = asyncio.Lock()
         if config.torch_threads > 0:
@@ -82,11 +159,12 @@ class RuntimeHolder:
     async def _build(self, path: Path) -> Runtime:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.loader, build_runtime, path, self.config, self.device, self.dtype, self.compute, self.stats)
+            self.loader, build_runtime, path, self.config, self.device, self.dtype, self.compute, self.stats,
+            self.live)
 
     async def load_initial(self, path: Path) -> Runtime:
         runtime = await self._build(path)
-        runtime.batcher.start()
+        runtime.start()
         self._current = runtime
         return runtime
 
@@ -95,7 +173,7 @@ class RuntimeHolder:
 
         Raises FailedPrecondition if the bundle cannot be served; the old one keeps serving.
         """
-        async with self._lock:
+        async with self._lock, self.catalog_lock:
             old = self.current
             target = path or old.bundle.path
             started = time.perf_counter()
@@ -104,13 +182,15 @@ class RuntimeHolder:
             except BundleError as exc:
                 log.warning("reload refused: %s", exc)
                 raise FailedPrecondition(f"bundle refused, still serving {old.version}: {exc}", field="path") from exc
-            new.batcher.start()
+            new.start()
             self._current = new  # the swap: requests from here on take the new runtime
-            await old.batcher.close()  # in-flight requests finish on the old bundle
+            await old.close()  # in-flight requests finish on the old bundle
             seconds = time.perf_counter() - started
             log.info("swapped bundle %s -> %s in %.2fs", old.version, new.version, seconds)
             return new, old, seconds
 
     async def close(self) -> None:
         if self._current is not None:
-            await self._current.batcher.close()
+            await self._current.close()
+        if self.live is not None:
+            self.live.close()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -22,8 +23,12 @@ from grpc_status import rpc_status
 from common.text import has_control_chars
 from server.config import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
 from server.errors import (DeadlineExpired, FailedPrecondition, InvalidArgument, NotFound, Overloaded,
-                           SearchrecError, Unavailable, Unimplemented)
+                           SearchrecError, Unavailable, Unimplemented)  # noqa: F401
+from server.live import passage
+from server.recommend import RecQuery
+from server.retrieval import filter_mask
 from server.runtime import RuntimeHolder
+from server.state import ADD_TO_CART, CLICK, EVENT_WEIGHT, PURCHASE, VIEW, Event
 from server.stubs import pb, pb_grpc
 from server.types import Filters, Hit, SearchQuery
 
@@ -33,6 +38,11 @@ MAX_ID_CHARS = 256
 MAX_FILTER_VALUES = 100
 MAX_FILTER_VALUE_CHARS = 200
 MAX_FILTER_ITEM_IDS = 1000
+MAX_RECENT_ITEMS = 200
+MAX_TITLE_CHARS = 500
+MAX_DESCRIPTION_CHARS = 5000
+MAX_ATTRIBUTES = 50
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # events may be stamped at most this far ahead of the server clock
 
 # Domain error -> gRPC status: the one table.
 _STATUS = {
@@ -184,8 +194,8 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExpired("the deadline passed before the request could run")
         loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(self.holder.compute, runtime.engine.similar, item_id, k, filters,
-                                          request.explain)
+        hits = await loop.run_in_executor(self.holder.compute, lambda: runtime.engine.similar(
+            item_id, k, filters, request.explain, runtime.rec))
         return pb.SimilarItemsResponse(items=[self._scored(runtime.bundle, h) for h in hits],
                                        bundle_version=runtime.version)
 
@@ -213,21 +223,187 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         new, old, seconds = await self.holder.reload(Path(path) if path else None)
         return pb.ReloadBundleResponse(bundle_version=new.version, previous_version=old.version, load_s=seconds)
 
+    # --- Recommend ---------------------------------------------------------------------------
+    def _rec_query(self, runtime, user_id: str, recent: tuple[str, ...], k: int, filters: Filters) -> RecQuery:
+        """The user's history as item rows: bundle history + live events + recent items (oldest first)."""
+        items, rec = runtime.bundle.items, runtime.bundle.rec
+        recent_rows = []
+        for i, item_id in enumerate(recent):
+            row = items.id_to_row.get(item_id)
+            if row is None:
+                raise NotFound(f"recent_item_ids[{i}] {item_id!r} is not in the catalog", field=f"recent_item_ids[{i}]")
+            recent_rows.append(row)
+        max_len = runtime.rec.max_len
+        repeats = runtime.rec.allow_repeats
+        hist: list[int] = []
+        exclude: set[int] = set()
+        u = rec.user_index.get(user_id) if user_id else None
+        if u is not None:
+            for r in rec.history(u)[-max_len:]:
+                row = items.id_to_row.get(items.ids[r])  # a changed item lives on in its new row
+                if row is not None:
+                    hist.append(row)
+                    if not repeats:
+                        exclude.add(row)  # bundle histories are purchases
+        live = self.holder.live
+        if user_id and live is not None:
+            for item_id, kind in live.user_events(user_id):
+                row = items.id_to_row.get(item_id)
+                if row is None:
+                    continue
+                hist.append(row)
+                if kind in (ADD_TO_CART, PURCHASE) and not repeats:
+                    exclude.add(row)
+        hist.extend(recent_rows)
+        if not repeats:
+            exclude.update(recent_rows)  # what the user is looking at now is no recommendation
+        mask = filter_mask(items, filters)
+        if runtime.bundle.alive is not None:
+            mask = runtime.bundle.alive.copy() if mask is None else mask & runtime.bundle.alive
+        return RecQuery(tuple(hist[-max_len:]), tuple(sorted(exclude)), k, filters, mask)
+
     @_rpc
     async def Recommend(self, request, context):
-        raise Unimplemented("Recommend is not implemented yet: it arrives with the recommend work (issue #4)")
+        user_id = _text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False)
+        recent = _id_list(request.recent_item_ids, "recent_item_ids", MAX_RECENT_ITEMS)
+        k, filters = _k(request), to_filters(request.filters)
+        runtime = self.holder.current
+        if runtime.rec is None:
+            raise FailedPrecondition(f"bundle {runtime.version} has no recommender (it was built without behaviour "
+                                     "data); build one with --interactions or --dataset", field="user_id")
+        query = self._rec_query(runtime, user_id, recent, k, filters)
+        result = await runtime.rec_batcher.submit(query, _deadline(context))
+        return pb.RecommendResponse(items=[self._scored(runtime.bundle, h) for h in result.value],
+                                    bundle_version=runtime.version)
+
+    # --- writes ------------------------------------------------------------------------------
+    def _live(self):
+        if self.holder.live is None:
+            raise FailedPrecondition("this server was started without --state-dir, so it cannot make writes "
+                                     "durable; restart it with --state-dir DIR", field="state_dir")
+        return self.holder.live
+
+    def _batch_size(self, n: int, field: str) -> None:
+        limit = self.holder.config.max_write_batch
+        if n == 0:
+            raise InvalidArgument(f"{field} must not be empty", field=field)
+        if n > limit:
+            raise InvalidArgument(f"{field} has {n} entries; the limit is {limit} per request", field=field)
 
     @_rpc
     async def Feedback(self, request, context):
-        raise Unimplemented("Feedback is not implemented yet: it arrives with the recommend work (issue #4)")
+        live = self._live()
+        self._batch_size(len(request.events), "events")
+        runtime = self.holder.current
+        now_ms = int(time.time() * 1000)
+        events = []
+        for i, e in enumerate(request.events):
+            f = f"events[{i}]"
+            event_id = _text_field(e.event_id, f"{f}.event_id", MAX_ID_CHARS, required=True)
+            user_id = _text_field(e.user_id, f"{f}.user_id", MAX_ID_CHARS, required=True)
+            item_id = _text_field(e.item_id, f"{f}.item_id", MAX_ID_CHARS, required=True)
+            if e.type not in (VIEW, CLICK, ADD_TO_CART, PURCHASE):
+                raise InvalidArgument(f"{f}.type must be VIEW, CLICK, ADD_TO_CART or PURCHASE, got {e.type}",
+                                      field=f"{f}.type")
+            ts = e.timestamp_ms or now_ms
+            if ts < 0:
+                raise InvalidArgument(f"{f}.timestamp_ms must be >= 0, got {ts}", field=f"{f}.timestamp_ms")
+            if ts > now_ms + MAX_CLOCK_SKEW_MS:
+                raise InvalidArgument(f"{f}.timestamp_ms {ts} is more than {MAX_CLOCK_SKEW_MS // 1000} s in the future",
+                                      field=f"{f}.timestamp_ms")
+            query = _text_field(e.query, f"{f}.query", MAX_QUERY_CHARS, required=False)
+            if e.position < 0:
+                raise InvalidArgument(f"{f}.position must be >= 0, got {e.position}", field=f"{f}.position")
+            if item_id not in runtime.bundle.items.id_to_row:
+                raise NotFound(f"{f}.item_id {item_id!r} is not in the catalog; nothing of this request was applied",
+                               field=f"{f}.item_id")
+            events.append(Event(event_id, user_id, item_id, int(e.type), int(ts), query, int(e.position)))
+        async with self.holder.write_lock:
+            fresh, seen = [], set()
+            for ev in events:  # idempotent by event_id, within the request and across requests
+                if ev.event_id in seen or live.is_duplicate(ev.event_id):
+                    continue
+                seen.add(ev.event_id)
+                fresh.append(ev)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, live.record_events, fresh)  # fsync off the event loop
+        rec = self.holder.current.rec
+        if rec is not None:
+            ids = self.holder.current.bundle.items.id_to_row
+            for ev in fresh:
+                row = ids.get(ev.item_id)
+                if row is not None and row < len(rec.live_popularity):
+                    rec.live_popularity[row] += EVENT_WEIGHT[ev.type]
+        return pb.FeedbackResponse(accepted=len(fresh), duplicates=len(events) - len(fresh))
 
     @_rpc
     async def UpsertItems(self, request, context):
-        raise Unimplemented("UpsertItems is not implemented yet: it arrives with the recommend work (issue #4)")
+        live = self._live()
+        self._batch_size(len(request.items), "items")
+        items, seen = [], set()
+        for i, it in enumerate(request.items):
+            items.append(_item(it, f"items[{i}]"))
+            if items[-1]["item_id"] in seen:
+                raise InvalidArgument(f"items[{i}].item_id {items[-1]['item_id']!r} appears twice in this request",
+                                      field=f"items[{i}].item_id")
+            seen.add(items[-1]["item_id"])
+        async with self.holder.catalog_lock:
+            runtime = self.holder.current
+            deadline = _deadline(context)
+            vectors = await asyncio.gather(*(runtime.encode_batcher.submit(passage(it), deadline) for it in items))
+            matrix = np.stack([v.value for v in vectors]).astype(np.float32)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, live.record_upserts, items)  # durable before it is visible
+            await loop.run_in_executor(self.holder.compute, runtime.apply_live, items, [], matrix, live.item_counts)
+        return pb.UpsertItemsResponse(upserted=len(items))
 
     @_rpc
     async def DeleteItems(self, request, context):
-        raise Unimplemented("DeleteItems is not implemented yet: it arrives with the recommend work (issue #4)")
+        live = self._live()
+        self._batch_size(len(request.item_ids), "item_ids")
+        ids = _id_list(request.item_ids, "item_ids", self.holder.config.max_write_batch)
+        async with self.holder.catalog_lock:
+            runtime = self.holder.current
+            for i, item_id in enumerate(ids):
+                if item_id not in runtime.bundle.items.id_to_row:
+                    raise NotFound(f"item_ids[{i}] {item_id!r} is not in the catalog; nothing was deleted",
+                                   field=f"item_ids[{i}]")
+            unique = list(dict.fromkeys(ids))
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, live.record_deletes, unique)
+            empty = np.zeros((0, runtime.encoder.dims), np.float32)
+            await loop.run_in_executor(self.holder.compute, runtime.apply_live, [], unique, empty, live.item_counts)
+        return pb.DeleteItemsResponse(deleted=len(unique))
+
+
+def _id_list(values, field: str, limit: int) -> tuple[str, ...]:
+    if len(values) > limit:
+        raise InvalidArgument(f"{field} has {len(values)} ids; the limit is {limit}", field=field)
+    return tuple(_text_field(v, f"{field}[{i}]", MAX_ID_CHARS, required=True) for i, v in enumerate(values))
+
+
+def _item(it, f: str) -> dict:
+    """pb.Item -> the dict the live catalog and the event log store."""
+    item = {
+        "item_id": _text_field(it.item_id, f"{f}.item_id", MAX_ID_CHARS, required=True),
+        "title": _text_field(it.title, f"{f}.title", MAX_TITLE_CHARS, required=True),
+        "description": _text_field(it.description, f"{f}.description", MAX_DESCRIPTION_CHARS, required=False),
+        "category": _text_field(it.category, f"{f}.category", MAX_FILTER_VALUE_CHARS, required=False),
+        "brand": _text_field(it.brand, f"{f}.brand", MAX_FILTER_VALUE_CHARS, required=False),
+        "price": None,
+        "in_stock": bool(it.in_stock),
+    }
+    if it.HasField("price"):
+        if math.isnan(it.price) or math.isinf(it.price) or it.price < 0:
+            raise InvalidArgument(f"{f}.price must be a finite number >= 0, got {it.price}", field=f"{f}.price")
+        item["price"] = float(it.price)
+    if len(it.attributes) > MAX_ATTRIBUTES:
+        raise InvalidArgument(f"{f}.attributes has {len(it.attributes)} entries; the limit is {MAX_ATTRIBUTES}",
+                              field=f"{f}.attributes")
+    item["attributes"] = {_text_field(k, f"{f}.attributes key", MAX_FILTER_VALUE_CHARS, required=True):
+                          _text_field(v, f"{f}.attributes[{k}]", MAX_FILTER_VALUE_CHARS, required=False)
+                          for k, v in it.attributes.items()}
+    return item
 
 
 def add_to_server(service: SearchRecommendService, server: grpc.aio.Server) -> None:

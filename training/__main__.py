@@ -4,7 +4,11 @@
     build --catalog FILE --judgments CSV --out DIR       the full pipeline on a catalog of our format
     build --dataset homedepot --data-dir DIR --out DIR   the full pipeline on the Home Depot data
     prepare | finetune-encoder | encode | train-reranker --work DIR ...   one step at a time
+    build --dataset beauty|online_retail --data-dir DIR --out DIR    sequential recommender bundle
+    build --dataset seqfile --path FILE --out DIR        any 'user item item ...' file, same trainer
+    build --catalog FILE --interactions CSV --out DIR    catalog + behaviour log (+ --events STATE_DIR)
     evaluate search --bundle DIR --judgments CSV [--json OUT] [--plot OUT.png]
+    evaluate recommend --bundle DIR --dataset beauty|online_retail|seqfile [--path F] [--json OUT]
 
 Exit status 0 on success; 2 with one clear message (file, row, problem) on bad input.
 """
@@ -43,7 +47,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=("homedepot",), help="a known dataset under --data-dir")
+    p.add_argument("--dataset", choices=("homedepot", "beauty", "online_retail", "seqfile"),
+                   help="a known dataset under --data-dir (seqfile: any file of the Beauty shape, with --path)")
+    p.add_argument("--path", type=Path, help="--dataset seqfile: one user per line, 'user item item ...' oldest first")
+    p.add_argument("--interactions", type=Path, help="CSV user_id,item_id,timestamp[,type] over --catalog (trains the recommender)")
+    p.add_argument("--events", type=Path, help="a server --state-dir whose logged feedback joins the training data")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="real-data directory (default: $SEARCHREC_DATA_DIR or ../shared/data)")
     p.add_argument("--catalog", type=Path, help="catalog file (.jsonl or .csv) of the project's format")
@@ -62,6 +70,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="full fine-tuning: keep embeddings and this many bottom layers frozen (faster steps)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false")
+    p.add_argument("--rec-minutes", type=float, default=15.0, help="recommender training time budget")
+    p.add_argument("--rec-epochs", type=int, default=200, help="recommender epochs at most (early stopping decides)")
+    p.add_argument("--rec-dims", type=int, default=64)
+    p.add_argument("--rec-max-len", type=int, default=50)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--name", default=None, help="bundle name prefix (default: the dataset or catalog name)")
     ev = sub.add_parser("evaluate", help="evaluate a bundle")
     ev_sub = ev.add_subparsers(dest="what", required=True)
+    er = ev_sub.add_parser("recommend", help="served Recommend vs popularity and item-kNN (and published numbers)")
+    er.add_argument("--bundle", type=Path, required=True)
+    _data_args(er)
+    er.add_argument("--json", type=Path)
+    _common(er)
     es = ev_sub.add_parser("search", help="search quality vs BM25 and the zero-shot encoder")
     es.add_argument("--bundle", type=Path, required=True)
     es.add_argument("--judgments", type=Path, required=True, help="CSV: query,product_uid|item_id,relevance")
@@ -150,8 +167,42 @@ def _summary(pipe, manifest: dict, started: float) -> None:
         print("    " + format_table(test).replace("\n", "\n    "))
 
 
+REC_DATASETS = ("beauty", "online_retail", "seqfile")
+
+
+def _rec_input(args):
+    from training.recpipeline import prepare_input
+
+    return prepare_input(args.dataset, _data_dir(args), args.path, args.catalog, args.interactions, args.events,
+                         args.on_error)
+
+
+def cmd_build_rec(args: argparse.Namespace) -> int:
+    from training.recommender import SeqRecConfig
+    from training.recpipeline import build, summary
+
+    started = time.perf_counter()
+    if args.out.exists():
+        raise FileExistsError(f"{args.out}: output directory already exists; choose a new path")
+    device = resolve_device(args.device)
+    inp = _rec_input(args)
+    print(json.dumps(inp.behaviour.report.as_dict()["counts"]))
+    encoder_dir = args.encoder or default_encoder_dir()
+    opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or inp.name, device=device,
+                        dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
+                        max_length=args.max_length)
+    cfg = SeqRecConfig(dims=args.rec_dims, max_len=args.rec_max_len, max_minutes=args.rec_minutes,
+                       max_epochs=args.rec_epochs, device=device,
+                       amp_dtype="bfloat16" if device.startswith("cuda") else "float32")
+    manifest = build(inp, args.out, opts, cfg, args.evaluate, device)
+    print(summary(manifest, args.out, started))
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if args.dataset in REC_DATASETS or (args.interactions and not args.judgments):
+        return cmd_build_rec(args)
     if args.dataset or args.judgments:
         work = args.work or args.out.parent / f"{args.out.name}.work"
         pipe = _pipeline(args, args.out, work)
@@ -207,6 +258,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_search, format_table, plot
 
     device = resolve_device(args.device)
+    if args.what == "recommend":
+        from training import evaluate_rec
+
+        if not (args.bundle / "manifest.json").is_file():
+            raise DataError(f"{args.bundle}: not a bundle (no manifest.json)")
+        results = evaluate_rec.evaluate_recommend(args.bundle, _rec_input(args).behaviour, device)
+        print(evaluate_rec.format_table(results))
+        print(f"({results['meta']['users']} test users; served {results['meta']['served']})")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return 0
     if not (args.bundle / "manifest.json").is_file():
         raise DataError(f"{args.bundle}: not a bundle (no manifest.json)")
     results = evaluate_search(args.bundle, args.judgments, pretrained=args.encoder or default_encoder_dir(),
@@ -231,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return cmd_evaluate(args)
         return cmd_step(args)
-    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError) as exc:
+    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

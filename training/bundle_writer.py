@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import bm25s
 import faiss
@@ -81,6 +81,9 @@ class BuildOptions:
     flat_max_items: int = FLAT_MAX_ITEMS
     data_fingerprints: dict[str, str] = field(default_factory=dict)
     extra_manifest: dict[str, Any] = field(default_factory=dict)
+    # Called with (bundle dir, item vectors) after encoding; writes the recommender's files and
+    # returns its manifest section (training.recbuild.build_recommender behind a closure).
+    recommender: Callable[[Path, np.ndarray], dict[str, Any]] | None = None
 
 
 def passage_text(row: pd.Series) -> str:
@@ -128,6 +131,7 @@ def build_lexical(items: pd.DataFrame, k1: float, b: float) -> tuple[dict[str, n
         raise RuntimeError("bm25s vocabulary size does not match the tokenizer's")
     title_indptr, title_tokens = _csr(title_ids)
     arrays = {
+        "avgdl": np.float64(np.mean([len(d) for d in doc_ids]) if doc_ids else 1.0),
         "bm25_indptr": np.asarray(scores["indptr"], dtype=np.int64),
         "bm25_indices": np.asarray(scores["indices"], dtype=np.int32),
         "bm25_data": np.asarray(scores["data"], dtype=np.float32),
@@ -220,6 +224,7 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
 
     t0 = time.perf_counter()
     arrays, words = build_lexical(items, opts.bm25_k1, opts.bm25_b)
+    avgdl = float(arrays.pop("avgdl"))
     np.savez(root / bf.LEXICAL_FILE, **arrays)
     (root / bf.VOCAB_FILE).write_text(json.dumps(words), encoding="utf-8")
     timings["lexical_s"] = time.perf_counter() - t0
@@ -248,7 +253,7 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
         "index": {"file": bf.INDEX_FILE, "metric": "inner_product", "ntotal": int(index.ntotal),
                   **index_params},
         "lexical": {"file": bf.LEXICAL_FILE, "vocab": bf.VOCAB_FILE, "method": "lucene",
-                    "k1": opts.bm25_k1, "b": opts.bm25_b, "vocab_size": len(words),
+                    "k1": opts.bm25_k1, "b": opts.bm25_b, "avgdl": avgdl, "vocab_size": len(words),
                     "tokenizer": "common.text.tokenize"},
         "reranker": {"file": bf.RERANKER_FILE, "type": "linear", "features": list(FEATURE_NAMES)},
         "popularity": {"file": bf.POPULARITY_FILE},
@@ -256,6 +261,10 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
         "timings": {k: round(v, 3) for k, v in timings.items()},
         **opts.extra_manifest,
     }
+    if opts.recommender is not None:
+        t0 = time.perf_counter()
+        manifest["recommender"] = opts.recommender(root, vectors)
+        manifest["timings"]["recommender_s"] = round(time.perf_counter() - t0, 3)
     return seal(root, manifest)
 
 

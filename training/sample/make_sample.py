@@ -3,7 +3,8 @@
     python training/sample/make_sample.py
 
 Writes catalog.jsonl (a few hundred products in eight departments, with brands, prices and stock)
-and judgments.csv (query,item_id,relevance on the 1..3 scale: 3 exact, 2 partly relevant, 1 not).
+judgments.csv (query,item_id,relevance on the 1..3 scale: 3 exact, 2 partly relevant, 1 not) and
+interactions.csv (user_id,item_id,timestamp,type: synthetic shoppers, see make_interactions).
 Products are built from hand-written product lines so that titles, descriptions and attributes
 read like a real home-improvement store; the judgments follow from each product's type.
 """
@@ -252,6 +253,41 @@ def make_judgments(items: list[dict], rng: random.Random) -> list[tuple[str, str
     return rows
 
 
+def make_interactions(items: list[dict], rng: random.Random, users: int = 400) -> list[tuple[str, str, int, str]]:
+    """Synthetic shoppers: each works on one or two departments, moving from a product type to the
+    next one of its department (drill -> impact driver -> ...) and often staying with one brand, so
+    the sequences have the order and affinities a sequential recommender should pick up."""
+    by_type: dict[tuple[str, str], list[dict]] = {}
+    for it in items:
+        by_type.setdefault((it["category"], it["attributes"]["product_type"]), []).append(it)
+    types = {d: [t for (dd, t) in by_type if dd == d] for d in LINES}
+    rows = []
+    start = 1_767_225_600  # 2026-01-01 UTC
+    for u in range(users):
+        user = f"U{u + 1:04d}"
+        depts = rng.sample(sorted(types), k=rng.choice((1, 1, 2)))
+        t = start + rng.randrange(0, 300 * 86400)
+        brand = None
+        had: set[str] = set()
+        for dept in depts:
+            i = rng.randrange(len(types[dept]))
+            for _ in range(rng.randint(3, 9)):
+                pool = [p for p in by_type[(dept, types[dept][i % len(types[dept])])] if p["item_id"] not in had]
+                if not pool:
+                    i += 1
+                    continue
+                same = [p for p in pool if p["brand"] == brand]
+                item = rng.choice(same if same and rng.random() < 0.6 else pool)
+                brand = item["brand"]
+                had.add(item["item_id"])
+                kind = rng.choices(("view", "click", "add_to_cart", "purchase"), (5, 3, 1, 2))[0]
+                rows.append((user, item["item_id"], t, kind))
+                t += rng.randrange(60, 3 * 86400)
+                if rng.random() < 0.7:
+                    i += 1  # on to the next product type of the project
+    return rows
+
+
 def main() -> None:
     rng = random.Random(20261127)
     items = make_catalog(rng)
@@ -262,7 +298,12 @@ def main() -> None:
         writer = csv.writer(fh)
         writer.writerow(["query", "item_id", "relevance"])
         writer.writerows(make_judgments(items, rng))
-    print(f"{len(items)} items, {len(QUERIES)} queries -> {HERE}")
+    events = make_interactions(items, random.Random(20261128))
+    with open(HERE / "interactions.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["user_id", "item_id", "timestamp", "type"])
+        writer.writerows(events)
+    print(f"{len(items)} items, {len(QUERIES)} queries, {len(events)} interactions -> {HERE}")
 
 
 if __name__ == "__main__":

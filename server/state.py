@@ -1,0 +1,156 @@
+"""Real-time state that outlives bundles: users' recent events, live item counters, seen event ids
+and live catalog changes, all made durable by the event log under --state-dir.
+
+Writes go log-first: a request's records are appended (and fsynced) before they are applied in
+memory, and only then acknowledged; on start the log is replayed in order, so everything that was
+acknowledged is back and a torn last record (a crash mid-append) is dropped and reported.
+Per-user state is bounded to the last `max_events` events (see `bytes_per_user`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.eventlog import EventLog, LogScan
+
+log = logging.getLogger(__name__)
+
+VIEW, CLICK, ADD_TO_CART, PURCHASE = 1, 2, 3, 4
+EVENT_WEIGHT = {VIEW: 0.25, CLICK: 0.5, ADD_TO_CART: 1.0, PURCHASE: 1.0}  # live popularity per event
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str
+    user_id: str
+    item_id: str
+    type: int
+    timestamp_ms: int
+    query: str = ""
+    position: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "user_id": self.user_id, "item_id": self.item_id, "type": self.type,
+                "timestamp_ms": self.timestamp_ms, "query": self.query, "position": self.position}
+
+
+@dataclass
+class ReplayReport:
+    records: int = 0
+    events: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    torn_bytes: int = 0
+    problem: str = ""
+    seconds: float = 0.0
+
+
+class LiveState:
+    """Users' recent events, live counters, seen event ids and catalog changes (+ their log)."""
+
+    def __init__(self, state_dir: Path | None, max_events: int = 50, max_event_ids: int = 1_000_000,
+                 fsync: bool = True) -> None:
+        self.max_events = max_events
+        self.users: dict[str, deque[tuple[str, int]]] = {}  # user -> (item_id, type), oldest first
+        self.item_counts: dict[str, float] = {}
+        self.event_ids: OrderedDict[str, None] = OrderedDict()  # insertion-ordered, bounded
+        self.max_event_ids = max_event_ids
+        self.items: dict[str, dict[str, Any] | None] = {}  # item_id -> upserted fields, None = deleted
+        self.log: EventLog | None = None
+        self.replay_report = ReplayReport()
+        if state_dir is not None:
+            self.log = EventLog(Path(state_dir), fsync=fsync)
+            self._replay(self.log.scan)
+
+    # --- replay ----------------------------------------------------------------------------
+    def _replay(self, scan: LogScan) -> None:
+        started = time.perf_counter()
+        rep = self.replay_report
+        for record in scan.records:
+            rep.records += 1
+            kind = record.get("kind")
+            if kind == "feedback":
+                events = [Event(**e) for e in record["events"]]
+                self.apply_events(events)
+                rep.events += len(events)
+            elif kind == "upsert":
+                self.apply_upserts(record["items"])
+                rep.upserts += len(record["items"])
+            elif kind == "delete":
+                self.apply_deletes(record["item_ids"])
+                rep.deletes += len(record["item_ids"])
+        rep.torn_bytes, rep.problem = scan.torn_bytes, scan.problem
+        rep.seconds = time.perf_counter() - started
+        if scan.torn_bytes:
+            log.warning("event log: dropped a torn tail of %d bytes (%s); every acknowledged record is kept",
+                        scan.torn_bytes, scan.problem)
+        if rep.records:
+            log.info("event log replayed: %d records, %d events, %d upserts, %d deletes in %.2fs",
+                     rep.records, rep.events, rep.upserts, rep.deletes, rep.seconds)
+
+    # --- writes: log first, then memory ------------------------------------------------------
+    def is_duplicate(self, event_id: str) -> bool:
+        return event_id in self.event_ids
+
+    def record_events(self, events: list[Event]) -> None:
+        """Durably log one request's events (all in one record), then apply them."""
+        if not events:
+            return
+        if self.log is not None:
+            self.log.append({"kind": "feedback", "events": [e.record() for e in events]})
+        self.apply_events(events)
+
+    def record_upserts(self, items: list[dict[str, Any]]) -> None:
+        if self.log is not None:
+            self.log.append({"kind": "upsert", "items": items})
+        self.apply_upserts(items)
+
+    def record_deletes(self, item_ids: list[str]) -> None:
+        if self.log is not None:
+            self.log.append({"kind": "delete", "item_ids": item_ids})
+        self.apply_deletes(item_ids)
+
+    # --- in-memory application (also used by replay) ----------------------------------------
+    def apply_events(self, events: list[Event]) -> None:
+        for e in events:
+            self.event_ids[e.event_id] = None
+            if len(self.event_ids) > self.max_event_ids:
+                self.event_ids.popitem(last=False)
+            q = self.users.get(e.user_id)
+            if q is None:
+                q = self.users[e.user_id] = deque(maxlen=self.max_events)
+            q.append((sys.intern(e.item_id), e.type))
+            self.item_counts[e.item_id] = self.item_counts.get(e.item_id, 0.0) + EVENT_WEIGHT.get(e.type, 0.0)
+
+    def apply_upserts(self, items: list[dict[str, Any]]) -> None:
+        for it in items:
+            self.items[it["item_id"]] = it
+
+    def apply_deletes(self, item_ids: list[str]) -> None:
+        for i in item_ids:
+            self.items[i] = None
+
+    # --- reads -------------------------------------------------------------------------------
+    def user_events(self, user_id: str) -> list[tuple[str, int]]:
+        q = self.users.get(user_id)
+        return list(q) if q else []
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def bytes_per_user(max_events: int) -> int:
+    """Memory of one user's full state: dict slot + key + deque + max_events (item_id, type) tuples.
+    Item ids are interned, so they are shared with the catalog and not counted per event."""
+    q: deque = deque(maxlen=max_events)
+    for i in range(max_events):
+        q.append(("x", i % 4 + 1))
+    per_tuple = sys.getsizeof(("x", 1))
+    return sys.getsizeof(q) + max_events * per_tuple + sys.getsizeof("user-000000000") + 2 * 8 * 3
+
