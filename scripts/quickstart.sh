@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . scripts/env.sh
 if [ ! -f bundles/sample/manifest.json ]; then
-  python -m training build --catalog training/sample/catalog.jsonl --out bundles/sample --name sample
+  python -m training build --catalog training/sample/catalog.jsonl --interactions training/sample/interactions.csv \
+    --out bundles/sample --name sample
 fi
-exec python -m server --bundle bundles/sample --port 50051 "$@"
+# Feedback and live catalog changes are logged (and replayed on restart) under state/sample.
+exec python -m server --bundle bundles/sample --port 50051 --state-dir state/sample "$@"

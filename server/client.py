@@ -3,12 +3,18 @@
     python -m server.client search "cordless drill" --explain
     python -m server.client search "drill" --k 5 --max-price 100 --category "Power Tools" --in-stock
     python -m server.client similar SR-00001
+    python -m server.client recommend U0001 --k 5            (--recent SR-00001 for a session)
+    python -m server.client feedback U0001 SR-00100 --type purchase
+    python -m server.client upsert NEW-1 "Some title" --category "Power Tools" --price 99
+    python -m server.client delete NEW-1
     python -m server.client info | health | reload [PATH]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+import uuid
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,6 +55,29 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--category", action="append")
         s.add_argument("--brand", action="append")
         s.add_argument("--in-stock", action="store_true")
+    rc = sub.add_parser("recommend")
+    rc.add_argument("user_id")
+    rc.add_argument("--recent", action="append", default=[])
+    rc.add_argument("--k", type=int, default=None)
+    for flag in ("--min-price", "--max-price"):
+        rc.add_argument(flag, type=float)
+    rc.add_argument("--category", action="append")
+    rc.add_argument("--brand", action="append")
+    rc.add_argument("--in-stock", action="store_true")
+    fb = sub.add_parser("feedback")
+    fb.add_argument("user_id")
+    fb.add_argument("item_id")
+    fb.add_argument("--type", choices=("view", "click", "add_to_cart", "purchase"), default="purchase")
+    fb.add_argument("--event-id", default=None, help="default: a fresh uuid")
+    up = sub.add_parser("upsert")
+    up.add_argument("item_id")
+    up.add_argument("title")
+    up.add_argument("--category", default="")
+    up.add_argument("--brand", default="")
+    up.add_argument("--price", type=float)
+    up.add_argument("--out-of-stock", action="store_true")
+    de = sub.add_parser("delete")
+    de.add_argument("item_ids", nargs="+")
     sub.add_parser("info")
     sub.add_parser("health")
     r = sub.add_parser("reload")
@@ -75,6 +104,25 @@ def main(argv: list[str] | None = None) -> int:
                 resp = stub.SimilarItems(req, timeout=args.timeout)
                 print(f"bundle {resp.bundle_version}: {len(resp.items)} items")
                 _print_items(resp.items, args.explain)
+            elif args.cmd == "recommend":
+                req = pb.RecommendRequest(user_id=args.user_id, recent_item_ids=args.recent, filters=_filters(args))
+                if args.k is not None:
+                    req.k = args.k
+                resp = stub.Recommend(req, timeout=args.timeout)
+                print(f"bundle {resp.bundle_version}: {len(resp.items)} items for {args.user_id!r}")
+                _print_items(resp.items, False)
+            elif args.cmd == "feedback":
+                ev = pb.Event(event_id=args.event_id or uuid.uuid4().hex, user_id=args.user_id, item_id=args.item_id,
+                              type=pb.Event.Type.Value(args.type.upper()), timestamp_ms=int(time.time() * 1000))
+                print(stub.Feedback(pb.FeedbackRequest(events=[ev]), timeout=args.timeout))
+            elif args.cmd == "upsert":
+                item = pb.Item(item_id=args.item_id, title=args.title, category=args.category, brand=args.brand,
+                               in_stock=not args.out_of_stock)
+                if args.price is not None:
+                    item.price = args.price
+                print(stub.UpsertItems(pb.UpsertItemsRequest(items=[item]), timeout=args.timeout))
+            elif args.cmd == "delete":
+                print(stub.DeleteItems(pb.DeleteItemsRequest(item_ids=args.item_ids), timeout=args.timeout))
             elif args.cmd == "info":
                 print(stub.GetInfo(pb.GetInfoRequest(), timeout=args.timeout))
             elif args.cmd == "health":

@@ -19,6 +19,9 @@ from server.retrieval import DenseRetriever, LexicalRetriever, filter_mask
 from server.types import NO_FILTERS, Filters, Hit, SearchOutcome, SearchQuery
 
 log = logging.getLogger(__name__)
+# SimilarItems: how much co-occurrence (bought/viewed together) adds to the vector-similarity score.
+# Small on purpose: similar items stay substitutes first, with complements ordered among them.
+SIMILAR_CO_WEIGHT = 0.2
 
 
 class SearchEngine:
@@ -37,7 +40,7 @@ class SearchEngine:
         t0 = time.perf_counter()
         qvecs = self.encoder.encode([q.text for q in queries], batch_size=max(len(queries), 1))
         t1 = time.perf_counter()
-        items, vectors = self.bundle.items, self.bundle.vectors
+        vectors = self.bundle.vectors
         masks = [self._mask(q.filters) for q in queries]
         ns = [max(self.config.candidates, q.k) for q in queries]
         dense_rows = self.dense.search(qvecs, ns, masks)
@@ -85,7 +88,7 @@ class SearchEngine:
             extra = rec.co_neighbours(source, self.config.candidates)
             extra = extra[mask[extra]] if len(extra) else extra
             rows = np.union1d(rows, extra)
-            co, co_weight = rec.similar_boost(source, rows), float(rec.spec.get("similar_co_weight", 0.5))
+            co, co_weight = rec.similar_boost(source, rows), float(rec.spec.get("similar_co_weight", SIMILAR_CO_WEIGHT))
         rows = np.sort(rows)
         return self.ranker.rank_similar(source, rows, self.bundle.vectors[rows] @ q, k, explain, co, co_weight)
 

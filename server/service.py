@@ -202,13 +202,16 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     @_rpc
     async def GetInfo(self, request, context):
         runtime = self.holder.current
-        b, s, cfg = runtime.bundle, self.holder.stats, self.holder.config
+        b, s, cfg, live = runtime.bundle, self.holder.stats, self.holder.config, self.holder.live
         return pb.GetInfoResponse(
             bundle_version=b.version, bundle_path=str(b.path), device=self.holder.device, dtype=self.holder.dtype,
             index_type=b.index_type, index_size=int(b.index.ntotal), item_count=len(b.items),
             dims=int(b.encoder["dims"]), encoder=str(b.encoder.get("name", "")), features=list(b.reranker.features),
             schema_version=str(b.manifest["schema_version"]), uptime_s=time.monotonic() - self.started_at,
             faiss_on_gpu=runtime.engine.dense.on_gpu,
+            recommender=b.rec is not None, rec_users=len(b.rec.user_index) if b.rec is not None else 0,
+            live_users=len(live.users) if live else 0, event_log_bytes=live.log.size if live and live.log else 0,
+            live_items=len(live.items) if live else 0,
             batcher=pb.BatcherInfo(
                 max_batch_size=cfg.max_batch_size, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue,
                 batches_run=s.batches_run, mean_batch_size=s.mean_batch_size, mean_queue_ms=s.mean_queue_ms,

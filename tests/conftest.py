@@ -31,8 +31,9 @@ def sample_bundle(tmp_path_factory) -> Path:
     from training.__main__ import main as training_main
 
     out = tmp_path_factory.mktemp("bundles") / "sample"
-    assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--out", str(out),
-                          "--name", "sample", "--device", "cpu"]) == 0
+    assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--interactions",
+                          str(SAMPLE / "interactions.csv"), "--out", str(out), "--name", "sample", "--device", "cpu",
+                          "--rec-minutes", "1", "--rec-epochs", "60"]) == 0
     return out
 
 

@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     er.add_argument("--bundle", type=Path, required=True)
     _data_args(er)
     er.add_argument("--json", type=Path)
+    er.add_argument("--plot", type=Path)
     _common(er)
     es = ev_sub.add_parser("search", help="search quality vs BM25 and the zero-shot encoder")
     es.add_argument("--bundle", type=Path, required=True)
@@ -268,6 +269,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"({results['meta']['users']} test users; served {results['meta']['served']})")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
+        if args.plot:
+            evaluate_rec.plot({args.dataset or "recommend": results}, args.plot)
         return 0
     if not (args.bundle / "manifest.json").is_file():
         raise DataError(f"{args.bundle}: not a bundle (no manifest.json)")

@@ -52,7 +52,7 @@ def _catalog_frame(ids: list[str], titles: list[str], prices: list[float] | None
         "item_id": ids, "title": titles, "description": [""] * n,
         "category": categories or [""] * n, "brand": [""] * n,
         "price": prices if prices is not None else [float("nan")] * n,
-        "in_stock": [True] * n, "attributes": [{} for _ in range(n)],
+        "in_stock": [True] * n,
     })
 
 

@@ -179,3 +179,26 @@ def format_table(results: dict[str, Any]) -> str:
     for n in names:
         lines.append(f"{n:<{width}}" + " ".join(f"{results[n][k]:>10.4f}" if k in results[n] else f"{'':>10}" for k in keys))
     return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """One bar group per dataset: Recall@10 and NDCG@10 of every system in its results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (title, res) in zip(axes[0], results.items()):
+        names = [n for n in res if n != "meta"]
+        keys = [k for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20") if k in res["bundle"]]
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            vals = [res[n].get(k, 0.0) for k in keys]
+            ax.bar(np.arange(len(keys)) + i * width, vals, width, label=n)
+        ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,6 @@ exclude them, using the same kernel the server runs.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -95,10 +94,14 @@ def candidates_and_features(user_vecs: np.ndarray, table: np.ndarray, histories:
     if not allow_repeats:
         for i, h in enumerate(histories):
             scores[i, h] = -np.inf
-    top = np.argpartition(-scores, min(n, scores.shape[1] - 1), axis=1)[:, :n]
+    n = min(n, scores.shape[1])
+    top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
     offsets = np.arange(0, len(histories) * n + 1, n, dtype=np.int64)
     cand = top.reshape(-1).astype(np.int32)
     model = scores[np.repeat(np.arange(len(histories)), n), cand].astype(np.float32)
+    finite = np.isfinite(model)
+    if not finite.all():  # tiny catalogs: excluded (seen) items fill the candidate list; rank them last
+        model[~finite] = (model[finite].min() if finite.any() else 0.0) - 100.0
     h_indptr, h_items = _csr(histories)
     feats = RK.rec_features(offsets, cand, model, h_indptr, h_items, stats["popularity"], stats["co_indptr"],
                             stats["co_indices"], stats["co_weights"], cat, logp)

@@ -8,7 +8,6 @@ validation NDCG@10 stops improving, or at the time budget, and keeps the best ep
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +15,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from common.seqrec import SeqRec, left_pad
 
