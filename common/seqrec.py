@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 
+# How many of a user's latest items the re-scoring features read (the model reads its own max_len).
+HISTORY_CAP = 300
+
+
 class SeqEncoder(nn.Module):
     """Positional embedding + causal transformer blocks over an item table -> user vectors."""
 

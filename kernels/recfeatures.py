@@ -17,6 +17,7 @@ REC_FEATURE_NAMES = (
     "category_affinity",  # share of the user's history in the candidate's category (0 when unknown)
     "price_affinity",  # -|log price - mean log price of the history|, 0 when unknown
     "recency",  # 1 / (1 + steps since the user last had this item), 0 if never
+    "repeat_count",  # log1p(times the item occurs in the user's history): people re-buy favourites
 )
 N_REC_FEATURES = len(REC_FEATURE_NAMES)
 CO_RECENT = 5  # how many of the last history items co-occurrence looks at
@@ -83,10 +84,13 @@ def rec_features(cand_offsets, cand_items, model_scores, hist_indptr, hist_items
             lp = log_price[item]
             if price_n > 0 and not np.isnan(lp):
                 out[i, 4] = -abs(lp - mean_price)
+            count = 0
             j = h1 - 1
             while j >= h0:
                 if hist_items[j] == item:
-                    out[i, 5] = 1.0 / (1.0 + (h1 - 1 - j))
-                    break
+                    if count == 0:
+                        out[i, 5] = 1.0 / (1.0 + (h1 - 1 - j))
+                    count += 1
                 j -= 1
+            out[i, 6] = np.log1p(count)
     return out

@@ -147,4 +147,5 @@ def rec_features(cand_offsets, cand_items, model_scores, hist_indptr, hist_items
                 out[i, 4] = -abs(log_price[item] - np.mean(prices))
             if item in hist:
                 out[i, 5] = 1.0 / (1.0 + hist[::-1].index(item))
+            out[i, 6] = np.log1p(hist.count(item))
     return out

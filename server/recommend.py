@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RecQuery:
-    history: tuple[int, ...]  # item rows, oldest first
+    history: tuple[int, ...]  # item rows, oldest first (at most HISTORY_CAP)
     exclude: tuple[int, ...]  # rows never to recommend (already bought, being looked at)
     k: int
     filters: Filters = NO_FILTERS
@@ -109,11 +109,29 @@ class RecEngine:
                 part = np.argpartition(-scores, want - 1)[:want]
                 idx = idx[part]
             rows = idx.astype(np.int64)
+        if self.allow_repeats and q.history:
+            # Where people re-buy, their own past items are candidates whatever the model thinks.
+            past = np.unique(np.asarray(q.history, np.int64))
+            rows = np.union1d(rows, past[allowed[past]])
         rows = np.sort(rows)
         return rows, (self.vectors[rows] @ uv).astype(np.float32)
 
+    def _fit(self, q: RecQuery) -> RecQuery:
+        """A query resolved against a catalog one live change older or newer than this engine's: keep
+        the rows this engine knows (rows never move, so the rest is exactly the same)."""
+        n = len(self.vectors)
+        mask = q.mask
+        if mask is not None and len(mask) != n:
+            mask = np.zeros(n, bool)
+            m = min(n, len(q.mask))
+            mask[:m] = q.mask[:m]
+        if mask is q.mask and (not q.history or max(q.history) < n) and (not q.exclude or max(q.exclude) < n):
+            return q
+        return RecQuery(tuple(r for r in q.history if r < n), tuple(r for r in q.exclude if r < n), q.k, q.filters, mask)
+
     def recommend_batch(self, queries: list[RecQuery]) -> list[list[Hit]]:
         """Top k hits of each query, best first (the batcher's batch function)."""
+        queries = [self._fit(q) for q in queries]
         with_hist = [i for i, q in enumerate(queries) if q.history]
         uvs = self.user_vectors([queries[i].history for i in with_hist]) if with_hist else None
         where = {i: j for j, i in enumerate(with_hist)}
@@ -124,7 +142,7 @@ class RecEngine:
             rows, scores = self._candidates(q, uv, pop)
             cands.append(rows)
             model_scores.append(scores)
-            hists.append(np.asarray(q.history[-self.max_len:], np.int32))
+            hists.append(np.asarray(q.history, np.int32))
         offsets = np.zeros(len(queries) + 1, np.int64)
         offsets[1:] = np.cumsum([len(c) for c in cands])
         flat = np.concatenate(cands).astype(np.int32) if cands else np.empty(0, np.int32)

@@ -25,6 +25,7 @@ from server.config import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
 from server.errors import (DeadlineExpired, FailedPrecondition, InvalidArgument, NotFound, Overloaded,
                            SearchrecError, Unavailable, Unimplemented)  # noqa: F401
 from server.live import passage
+from common.seqrec import HISTORY_CAP
 from server.recommend import RecQuery
 from server.retrieval import filter_mask
 from server.runtime import RuntimeHolder
@@ -236,13 +237,12 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             if row is None:
                 raise NotFound(f"recent_item_ids[{i}] {item_id!r} is not in the catalog", field=f"recent_item_ids[{i}]")
             recent_rows.append(row)
-        max_len = runtime.rec.max_len
         repeats = runtime.rec.allow_repeats
         hist: list[int] = []
         exclude: set[int] = set()
         u = rec.user_index.get(user_id) if user_id else None
         if u is not None:
-            for r in rec.history(u)[-max_len:]:
+            for r in rec.history(u)[-HISTORY_CAP:]:
                 row = items.id_to_row.get(items.ids[r])  # a changed item lives on in its new row
                 if row is not None:
                     hist.append(row)
@@ -263,7 +263,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         mask = filter_mask(items, filters)
         if runtime.bundle.alive is not None:
             mask = runtime.bundle.alive.copy() if mask is None else mask & runtime.bundle.alive
-        return RecQuery(tuple(hist[-max_len:]), tuple(sorted(exclude)), k, filters, mask)
+        return RecQuery(tuple(hist[-HISTORY_CAP:]), tuple(sorted(exclude)), k, filters, mask)
 
     @_rpc
     async def Recommend(self, request, context):

@@ -126,3 +126,23 @@ def test_seqfile_build_and_served_evaluation(tmp_path):
         assert {"recall@5", "ndcg@5", "recall@10", "ndcg@10"} <= set(res[name])
     assert res["meta"]["users"] == 300 and res["meta"]["unknown_ids_returned"] == 0
     assert res["bundle"]["recall@10"] > 0.8 > res["popularity"]["recall@10"]
+
+
+def test_served_feedback_becomes_training_data(tmp_path):
+    """Events a server logged under its state dir join the next build (`--events STATE_DIR`)."""
+    from server.state import Event, LiveState
+    from training.__main__ import main
+
+    state = LiveState(tmp_path / "state")
+    state.record_events([Event("s1", "served-user", "SR-00001", 4, 1_790_000_000_000),
+                         Event("s2", "served-user", "SR-00002", 1, 1_790_000_100_000),
+                         Event("s3", "served-user", "GONE-1", 1, 1_790_000_200_000)])
+    state.close()
+    out = tmp_path / "bundle"
+    assert main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--interactions", str(SAMPLE / "interactions.csv"),
+                 "--events", str(tmp_path / "state"), "--out", str(out), "--device", "cpu",
+                 "--rec-minutes", "0.2", "--rec-epochs", "4"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data_fingerprints"]["served_events"].startswith("2 of 3 events")
+    users = pd.read_parquet(out / manifest["recommender"]["users"])["user_id"].tolist()
+    assert "served-user" in users and manifest["recommender"]["user_count"] == 401

@@ -3,7 +3,8 @@
 The bundle is served by a real server process (`training.served`) and every test user is asked for
 through Recommend(user_id, k) — the bundle's stored history for that user plus the same model,
 kernels and exclusion rules as production. Baselines are computed here over the same histories:
-popularity, and item-kNN (cosine over the user x item matrix).
+popularity, item-kNN (cosine over the user x item matrix) and, where people re-buy, each user's most
+often bought past items.
 
 Protocols:
 - leave_one_out (Beauty, sequence files): the held-out last item of each user with >= 3 items,
@@ -121,6 +122,20 @@ def item_knn_baseline(hists: list[list[int]], all_hists: list[list[int]], n: int
     return out
 
 
+def past_items_baseline(hists: list[list[int]], all_hists: list[list[int]], n: int, k: int) -> list[list[int]]:
+    """Where people re-buy: each user's most often bought items, then the most popular ones."""
+    pop = np.zeros(n)
+    for h in all_hists:
+        np.add.at(pop, h, 1.0)
+    out = []
+    for h in hists:
+        s = pop / (pop.max() + 1.0)  # < 1: any past item outranks every item never bought
+        if h:
+            np.add.at(s, h, 1.0)
+        out.append(_top(s, [], k, False))
+    return out
+
+
 def served_rankings(bundle: Path, user_ids: list[str], k: int, device: str = "auto", workers: int = 32) -> tuple[list[list[str]], dict]:
     """Recommend(user_id, k) for every user through a real server process."""
     from training.served import ServedBundle
@@ -163,6 +178,8 @@ def evaluate_recommend(bundle: Path, b: Behaviour, device: str = "auto") -> dict
     results: dict[str, Any] = {"bundle": metrics_at(served, rel, ks)}
     results["popularity"] = metrics_at(popularity_baseline(hists, all_hists, n, kmax, exclude_seen), rel, ks)
     results["item_knn"] = metrics_at(item_knn_baseline(hists, all_hists, n, kmax, exclude_seen), rel, ks)
+    if not exclude_seen:
+        results["past_items"] = metrics_at(past_items_baseline(hists, all_hists, n, kmax), rel, ks)
     if b.source == "amazon_beauty":
         results.update(PUBLISHED_BEAUTY)
     results["meta"] = {"users": len(users), "items": n, "protocol": split, "exclude_seen": exclude_seen,

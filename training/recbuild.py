@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from common import bundle_format as bf
+from common.seqrec import HISTORY_CAP, left_pad
 from kernels.recfeatures import REC_FEATURE_NAMES
 from kernels import recfeatures as RK
 from training.behaviour import Behaviour, co_occurrence, leave_one_out, popularity, repeat_rate, temporal_split
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 REPEATS_AT = 0.05  # a repeat rate above this means users do re-buy: keep history items recommendable
 FIT_USERS = 4000
 FIT_CANDIDATES = 200
+TEST_WINDOW_S = 30 * 86400  # temporal data: the validation window before the cut-off (as long as the test)
 
 
 def _split(b: Behaviour, kind: str, cutoff: int | None) -> tuple[SeqSplit, list[list[int]], list[list[int]] | None]:
@@ -88,45 +90,53 @@ def category_ids(items: pd.DataFrame) -> np.ndarray:
 def candidates_and_features(user_vecs: np.ndarray, table: np.ndarray, histories: list[list[int]],
                             allow_repeats: bool, n: int, stats: dict[str, np.ndarray], cat: np.ndarray,
                             logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-n items by model score per user (seen items removed unless repeats are allowed), and their
-    REC features. table: [items, d] 0-based rows. Returns (offsets, items, features)."""
+    """The server's candidates (top-n by model score; seen items removed unless repeats are allowed,
+    in which case the user's past items join) and their REC features. table: [items, d], 0-based rows.
+    Returns (offsets, items, features)."""
+    histories = [h[-HISTORY_CAP:] for h in histories]
     scores = user_vecs @ table.T
-    if not allow_repeats:
-        for i, h in enumerate(histories):
-            scores[i, h] = -np.inf
     n = min(n, scores.shape[1])
-    top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    offsets = np.arange(0, len(histories) * n + 1, n, dtype=np.int64)
-    cand = top.reshape(-1).astype(np.int32)
-    model = scores[np.repeat(np.arange(len(histories)), n), cand].astype(np.float32)
-    finite = np.isfinite(model)
-    if not finite.all():  # tiny catalogs: excluded (seen) items fill the candidate list; rank them last
-        model[~finite] = (model[finite].min() if finite.any() else 0.0) - 100.0
+    cands, model = [], []
+    for i, h in enumerate(histories):
+        s = scores[i].copy()
+        if not allow_repeats and h:
+            s[h] = -np.inf
+        top = np.argpartition(-s, n - 1)[:n]
+        top = top[np.isfinite(s[top])]
+        if allow_repeats and h:
+            top = np.union1d(top, np.unique(h))
+        top = np.sort(top)
+        cands.append(top.astype(np.int32))
+        model.append(scores[i, top].astype(np.float32))
+    offsets = np.zeros(len(histories) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(c) for c in cands])
+    cand = np.concatenate(cands) if cands else np.empty(0, np.int32)
     h_indptr, h_items = _csr(histories)
-    feats = RK.rec_features(offsets, cand, model, h_indptr, h_items, stats["popularity"], stats["co_indptr"],
-                            stats["co_indices"], stats["co_weights"], cat, logp)
+    feats = RK.rec_features(offsets, cand, np.concatenate(model), h_indptr, h_items, stats["popularity"],
+                            stats["co_indptr"], stats["co_indices"], stats["co_weights"], cat, logp)
     return offsets, cand, feats
 
 
-def _ndcg10(offsets: np.ndarray, cand: np.ndarray, scores: np.ndarray, targets: np.ndarray) -> float:
+def _ndcg(offsets: np.ndarray, cand: np.ndarray, scores: np.ndarray, targets: list[set[int]], k: int) -> float:
     total = 0.0
-    for u in range(len(targets)):
+    for u, rel in enumerate(targets):
         s, e = offsets[u], offsets[u + 1]
-        order = np.argsort(-scores[s:e], kind="stable")[:10]
-        hit = np.nonzero(cand[s:e][order] == targets[u])[0]
-        if len(hit):
-            total += 1.0 / np.log2(hit[0] + 2)
+        order = np.argsort(-scores[s:e], kind="stable")[:k]
+        gains = np.array([1.0 if c in rel else 0.0 for c in cand[s:e][order]])
+        ideal = (1.0 / np.log2(np.arange(min(len(rel), k)) + 2)).sum()
+        total += float((gains / np.log2(np.arange(len(gains)) + 2)).sum()) / ideal
     return total / max(len(targets), 1)
 
 
-def fit_weights(offsets: np.ndarray, cand: np.ndarray, feats: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Coordinate ascent on validation NDCG@10; the model score's weight stays 1."""
+def fit_weights(offsets: np.ndarray, cand: np.ndarray, feats: np.ndarray, targets: list[set[int]],
+                k: int = 10) -> tuple[np.ndarray, float, float]:
+    """Coordinate ascent on validation NDCG@k; the model score's weight stays 1."""
     w = np.zeros(feats.shape[1], np.float32)
     w[0] = 1.0
-    base = _ndcg10(offsets, cand, feats @ w, targets)
+    base = _ndcg(offsets, cand, feats @ w, targets, k)
     best = base
     scale = float(np.std(feats[:, 0])) or 1.0
-    grid = (-1.0, -0.5, -0.25, -0.1, 0.1, 0.25, 0.5, 1.0, 2.0)
+    grid = (-1.0, -0.5, -0.25, -0.1, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
     for _ in range(2):
         for f in range(1, feats.shape[1]):
             sd = float(np.std(feats[:, f]))
@@ -135,7 +145,7 @@ def fit_weights(offsets: np.ndarray, cand: np.ndarray, feats: np.ndarray, target
             keep = w[f]
             for g in grid:
                 w[f] = g * scale / sd
-                score = _ndcg10(offsets, cand, feats @ w, targets)
+                score = _ndcg(offsets, cand, feats @ w, targets, k)
                 if score > best + 1e-5:
                     best, keep = score, w[f]
             w[f] = keep
@@ -160,23 +170,35 @@ def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | N
         table = model.table().float().cpu()
     vectors = table[1:].numpy().astype(np.float32)
 
-    # Re-scoring weights, fitted on validation targets with statistics of the training part only.
+    # Re-scoring weights, fitted on validation targets with statistics that exclude them. Temporal
+    # data mirrors its test protocol (every item of the last window before the cut-off, NDCG@20);
+    # otherwise each user's next item (NDCG@10).
     cat, logp = category_ids(b.items), log_prices(b.items)
-    train_times = None
-    if b.times is not None and split_kind != "leave_one_out":
-        train_times = [t[:len(s)] for t, s in zip(served_times, train_only)]
-    fit_stats = _stats(train_only, len(b.items), train_times)
-    users = [u for u in range(len(served)) if split.valid[u] and split.train[u]]
+    if split_kind == "temporal":
+        window = int(cutoff) - TEST_WINDOW_S
+        fit_hist, fit_rel, fit_times = [], [], []
+        for s_, t_ in zip(served, served_times):
+            cut = int(np.searchsorted(np.asarray(t_), window, side="left"))
+            fit_hist.append(s_[:cut]), fit_rel.append(set(s_[cut:])), fit_times.append(t_[:cut])
+        users = [u for u in range(len(served)) if fit_hist[u] and fit_rel[u]]
+        fit_stats, k_fit = _stats(fit_hist, len(b.items), fit_times), 20
+    else:
+        fit_hist = train_only
+        fit_rel = [{v - 1} if v else set() for v in split.valid]
+        users = [u for u in range(len(served)) if split.valid[u] and split.train[u]]
+        train_times = None
+        if b.times is not None and split_kind != "leave_one_out":
+            train_times = [t[:len(s)] for t, s in zip(served_times, train_only)]
+        fit_stats, k_fit = _stats(train_only, len(b.items), train_times), 10
     rng = np.random.default_rng(cfg.seed)
     if len(users) > FIT_USERS:
         users = sorted(rng.choice(users, FIT_USERS, replace=False).tolist())
-    hist = [train_only[u] for u in users]
+    hist = [fit_hist[u] for u in users]
     with torch.no_grad():
-        from common.seqrec import left_pad
-        uv = model.encoder.user_vectors(left_pad([split.train[u] for u in users], cfg.max_len), table).numpy()
+        uv = model.encoder.user_vectors(left_pad([[r + 1 for r in h] for h in hist], cfg.max_len), table).numpy()
     offsets, cand, feats = candidates_and_features(uv, vectors, hist, allow_repeats, FIT_CANDIDATES, fit_stats, cat, logp)
-    weights, base, fitted = fit_weights(offsets, cand, feats, np.array([split.valid[u] - 1 for u in users]))
-    log.info("re-scoring weights %s: valid ndcg@10 %.4f -> %.4f", np.round(weights, 4).tolist(), base, fitted)
+    weights, base, fitted = fit_weights(offsets, cand, feats, [fit_rel[u] for u in users], k_fit)
+    log.info("re-scoring weights %s: valid ndcg@%d %.4f -> %.4f", np.round(weights, 4).tolist(), k_fit, base, fitted)
 
     # Files.
     state = {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()}
@@ -196,7 +218,7 @@ def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | N
         "dims": cfg.dims, "max_len": cfg.max_len, "layers": cfg.layers, "heads": cfg.heads,
         "text_projection": model.text_proj is not None, "attributes": n_attrs > 0,
         "features": list(REC_FEATURE_NAMES), "weights": [float(x) for x in weights],
-        "valid_ndcg@10_model_only": round(base, 5), "valid_ndcg@10_rescored": round(fitted, 5),
+        "valid_ndcg_model_only": round(base, 5), "valid_ndcg_rescored": round(fitted, 5), "valid_k": k_fit,
         "repeat_rate": round(rate, 4), "allow_repeats": allow_repeats,
         "split": {"kind": split_kind, "cutoff": cutoff},
         "source": b.source, "user_count": len(b.users), "interactions": int(indptr[-1]),

@@ -107,7 +107,7 @@ def summary(manifest: dict[str, Any], out: Path, started: float) -> str:
         f"  items {manifest['items']['count']}, users {rec['user_count']}, interactions {rec['interactions']}, "
         f"repeat rate {rec['repeat_rate']:.3f} (repeats {'allowed' if rec['allow_repeats'] else 'excluded'})",
         f"  recommender: {tr['epochs_run']} epochs in {tr['seconds']:.0f}s (best {tr['best_epoch']}, {tr['stop']}), "
-        f"valid NDCG@10 {rec['valid_ndcg@10_model_only']:.4f} -> {rec['valid_ndcg@10_rescored']:.4f} re-scored",
+        f"valid NDCG@{rec['valid_k']} {rec['valid_ndcg_model_only']:.4f} -> {rec['valid_ndcg_rescored']:.4f} re-scored",
         "  steps: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in manifest["timings"].items())
         + f"; total {time.perf_counter() - started:.0f}s",
     ]
