@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.encoding import resolve_device, resolve_dtype
 from server.config import ServerConfig
+from server.metrics import Metrics
 from server.runtime import RuntimeHolder
 from server.service import SearchRecommendService, add_to_server
 from server.stubs import SERVICE_NAME
@@ -38,6 +39,8 @@ class SearchrecServer:
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics = Metrics(self.holder) if config.metrics_port is not None else None
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
         started = time.monotonic()
@@ -46,7 +49,7 @@ class SearchrecServer:
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes)]
         server = grpc.aio.server(options=opts)
-        add_to_server(SearchRecommendService(self.holder, started), server)
+        add_to_server(SearchRecommendService(self.holder, started, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -57,6 +60,8 @@ class SearchrecServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.grpc_server, self.port = server, port
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         log.info("serving %s on %s:%d (%.1fs to SERVING)", self.holder.current.version, self.config.host, port,
                  time.monotonic() - started)
         return port
@@ -67,6 +72,8 @@ class SearchrecServer:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
         await self.holder.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.compute.shutdown(wait=True)
         self.loader.shutdown(wait=True)
 

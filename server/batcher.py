@@ -38,6 +38,9 @@ class BatcherStats:
     cancelled: int = 0
     failed: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+    # Called after every computed batch with (batcher kind, size, compute seconds, each queue time);
+    # the metrics module hangs its histograms here.
+    observer: Callable[[str, int, float, list[float]], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def mean_batch_size(self) -> float:
@@ -207,6 +210,9 @@ class DynamicBatcher(Generic[T, R]):
             self.stats.items_computed += len(batch)
             self.stats.compute_s_total += compute_s
             self.stats.batch_sizes[len(batch)] += 1
+            if self.stats.observer is not None:
+                self.stats.observer(self.name.split("[", 1)[0], len(batch), compute_s,
+                                    [started - e.enqueued for e in batch])
             for e, value in zip(batch, results):
                 queue_s = started - e.enqueued
                 self.stats.queue_s_total += queue_s

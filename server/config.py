@@ -40,6 +40,7 @@ class ServerConfig:
     rec_candidates: int = 200  # recommender candidates per request before re-scoring
     max_write_batch: int = 1000  # events / items / ids per write request
     fsync: bool = True  # fsync the event log before acknowledging (off only for throwaway tests)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="durable event log and live catalog changes (required for Feedback/UpsertItems/DeleteItems)")
     p.add_argument("--max-user-events", type=int, default=int(_env("max_user_events", d.max_user_events)))
     p.add_argument("--rec-candidates", type=int, default=int(_env("rec_candidates", d.rec_candidates)))
+    p.add_argument("--metrics-port", type=int, default=_env("metrics_port", None),
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = a free port; default off)")
     p.add_argument("--max-write-batch", type=int, default=int(_env("max_write_batch", d.max_write_batch)))
     return p
 

@@ -92,7 +92,8 @@ def make_rec(bundle: Bundle, device: str, config: ServerConfig, live_counts: dic
 
 
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
-                  executor: Executor, stats: BatcherStats, live: LiveState | None = None) -> Runtime:
+                  executor: Executor, stats: BatcherStats, live: LiveState | None = None,
+                  rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None) -> Runtime:
     """Load, verify and warm a bundle and land the live catalog changes it lacks (blocking; run it
     off the event loop)."""
     started = time.perf_counter()
@@ -122,10 +123,10 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     if runtime.rec is not None:
         runtime.rec_batcher = DynamicBatcher(runtime._recommend, max_batch_size=config.max_batch_size,
                                              max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                             executor=executor, stats=BatcherStats(), name=f"recommend[{name}]")
+                                             executor=executor, stats=rec_stats or BatcherStats(), name=f"recommend[{name}]")
     runtime.encode_batcher = DynamicBatcher(runtime._encode, max_batch_size=config.max_batch_size,
                                             max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                            executor=executor, stats=BatcherStats(), name=f"encode[{name}]")
+                                            executor=executor, stats=encode_stats or BatcherStats(), name=f"encode[{name}]")
     log.info("bundle %s ready in %.2fs: %d items, index %s, recommender %s, device %s/%s", bundle.version,
              time.perf_counter() - started, len(bundle.items), bundle.index_type,
              "yes" if runtime.rec is not None else "no", device, dtype)
@@ -141,7 +142,10 @@ class RuntimeHolder:
         self.dtype = dtype
         self.compute = compute
         self.loader = loader
+        # Cumulative over reloads, one per batcher kind.
         self.stats = BatcherStats()
+        self.rec_stats = BatcherStats()
+        self.encode_stats = BatcherStats()
         self.live = LiveState(config.state_dir, config.max_user_events, fsync=config.fsync) if config.state_dir else None
         self.write_lock = asyncio.Lock()  # one Feedback at a time: duplicate checks + log order
         self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
@@ -160,7 +164,7 @@ class RuntimeHolder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.loader, build_runtime, path, self.config, self.device, self.dtype, self.compute, self.stats,
-            self.live)
+            self.live, self.rec_stats, self.encode_stats)
 
     async def load_initial(self, path: Path) -> Runtime:
         runtime = await self._build(path)

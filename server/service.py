@@ -69,19 +69,26 @@ def _status_for(exc: SearchrecError) -> status_pb2.Status:
 
 
 def _rpc(handler):
-    """Map domain errors to status codes; log and hide anything unexpected behind INTERNAL."""
+    """Map domain errors to status codes; log and hide anything unexpected behind INTERNAL; record
+    each call's latency and status code in the metrics."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         try:
-            return await handler(self, request, context)
+            result = await handler(self, request, context)
         except SearchrecError as exc:
             status = _status_for(exc)
         except asyncio.CancelledError:
+            self._observe(handler.__name__, started, "CANCELLED")
             raise
         except Exception:
             log.exception("%s failed", handler.__name__)
             status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"{handler.__name__}: internal error (logged on the server)")
+        else:
+            self._observe(handler.__name__, started, "OK")
+            return result
+        self._observe(handler.__name__, started, code_pb2.Code.Name(status.code))
         await context.abort_with_status(rpc_status.to_status(status))
 
     return wrapper
@@ -145,9 +152,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     """searchrec.v1.SearchRecommend over a RuntimeHolder."""
 
-    def __init__(self, holder: RuntimeHolder, started_at: float) -> None:
+    def __init__(self, holder: RuntimeHolder, started_at: float, metrics=None) -> None:
         self.holder = holder
         self.started_at = started_at
+        self.metrics = metrics
+
+    def _observe(self, method: str, started: float, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_rpc(method, time.perf_counter() - started, code)
 
     # Convert Hit --> pb.ScoredItem.
     @staticmethod
