@@ -1,0 +1,32 @@
+"""The Locust gRPC load test runs headless against a real server and reports every RPC of the mix."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, serve
+
+
+@pytest.fixture(scope="module")
+def target(sample_bundle, tmp_path_factory):
+    yield from serve(sample_bundle, state_dir=tmp_path_factory.mktemp("state"))
+
+
+def test_locust_headless_mix(target, sample_bundle, tmp_path):
+    env = dict(os.environ, SEARCHREC_BUNDLE=str(sample_bundle), SEARCHREC_DATA_DIR=str(tmp_path / "no-data"),
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", "8",
+         "-r", "8", "-t", "6s", "--host", target.target, "--csv", str(tmp_path / "load"), "--only-summary"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "load_stats.csv"))}
+    for method in ("Search", "Recommend", "SimilarItems", "Feedback"):
+        assert int(rows[method]["Request Count"]) > 0, f"no {method} calls"
+        assert int(rows[method]["Failure Count"]) == 0, f"{method} failed: {rows[method]}"
+    assert int(rows["Search"]["Request Count"]) > int(rows["Feedback"]["Request Count"])
+    assert "load generator CPU" in out.stdout + out.stderr
