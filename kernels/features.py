@@ -65,8 +65,21 @@ def topn_masked(scores, mask, n):
     vals = np.empty(count, dtype=np.float32)
     for i in range(count):
         vals[i] = -scores[idx[i]]
-    order = np.argsort(vals, kind="mergesort")
     m = min(n, count)
+    if m == 0:
+        return idx[:0]
+    if count > 4 * m:
+        # Select first: only entries at least as good as the m-th best need sorting (ties kept, so
+        # the order among equals stays by index).
+        cut = np.partition(vals.copy(), m - 1)[m - 1]
+        keep = 0
+        for i in range(count):
+            if vals[i] <= cut:
+                idx[keep] = idx[i]
+                vals[keep] = vals[i]
+                keep += 1
+        idx, vals = idx[:keep], vals[:keep]
+    order = np.argsort(vals, kind="mergesort")
     return idx[order[:m]]
 
 

@@ -136,3 +136,15 @@ def test_topk_segments_matches_numpy_with_ties(segments):
     for q in range(len(segments)):
         picked = scores[f_pos[f_off[q]:f_off[q + 1]]]
         assert (np.diff(picked) <= 0).all(), "each segment comes back best first"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topn_masked_selection_path_matches_twin(seed):
+    # Many positive scores (count >> n) with heavy ties: the kernel selects before it sorts.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, 5000).astype(np.float32)  # values 0..5: zeros drop, ties everywhere
+    mask = rng.random(5000) < 0.7
+    for n in (1, 7, 100):
+        np.testing.assert_array_equal(K.topn_masked(scores, np.empty(0, np.bool_), n),
+                                      R.topn_masked(scores, np.empty(0, np.bool_), n))
+        np.testing.assert_array_equal(K.topn_masked(scores, mask, n), R.topn_masked(scores, mask, n))
