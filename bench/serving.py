@@ -1,0 +1,148 @@
+"""Benchmarks 2-4: the in-process limit (encode + retrieve + rerank in a tight loop at the best batch
+size, no gRPC), the served system under closed-loop gRPC clients at rising concurrency, and dynamic
+batching on vs off (max batch 1) under the same load; plus start-up time and resident memory.
+
+    python bench/serving.py [--bundle DIR] [--quick] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchutil import ROOT, bench_bundle, median_s, table
+
+
+def queries(bundle_dir: Path, n: int = 2000) -> list[str]:
+    import os
+
+    hd = Path(os.environ.get("SEARCHREC_DATA_DIR", ROOT.parent / "shared" / "data")) / "homedepot" / "judgments.csv"
+    if hd.is_file() and "homedepot" in json.loads((bundle_dir / "manifest.json").read_text()).get("name", ""):
+        from training.data import query_split
+
+        qs = sorted({r["query"] for r in csv.DictReader(open(hd, encoding="utf-8"))})
+        return [q for q in qs if query_split(q) == "rerank"][:n]
+    import pandas as pd
+
+    titles = pd.read_parquet(bundle_dir / "items.parquet")["title"].astype(str).tolist()
+    return [" ".join(t.split()[:3]) for t in titles][:n]
+
+
+def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0) -> dict:
+    from common.encoding import TextEncoder
+    from server.bundle import load_bundle
+    from server.config import ServerConfig
+    from server.engine import SearchEngine
+    from server.types import SearchQuery
+
+    bundle = load_bundle(bundle_dir)
+    enc = TextEncoder(bundle.encoder_dir, device="cpu", dtype="float32")
+    engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
+    engine.warmup()
+    rows = []
+    for bs in sizes:
+        batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs, bs)]
+        it = iter(batches * 100)
+        sec = median_s(lambda: engine.search_batch(next(it)), repeat=5, min_time=seconds)
+        rows.append({"batch": bs, "queries_per_s": bs / sec, "ms_per_batch": 1000 * sec})
+    best = max(rows, key=lambda r: r["queries_per_s"])
+    return {"rows": rows, "best_batch": best["batch"], "limit_qps": best["queries_per_s"]}
+
+
+def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
+    lat: list[float] = []
+    errors = [0]
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        i = offset
+        mine = []
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                stub.Search(pb.SearchRequest(query=qs[i % len(qs)], k=10), timeout=10)
+                mine.append(time.perf_counter() - t0)
+            except Exception:
+                errors[0] += 1
+            i += clients
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    a = np.asarray(lat) * 1000
+    return {"clients": clients, "qps": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
+            "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
+
+
+def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=()) -> dict:
+    import psutil
+
+    from training.served import ServedBundle, pb
+
+    with ServedBundle(bundle_dir, device="cpu", extra_args=tuple(extra)) as srv:
+        closed_loop(srv.stub, pb, qs, 4, 1.0)  # connections up, caches warm
+        rows = [closed_loop(srv.stub, pb, qs, c, seconds) for c in levels]
+        rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
+        return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows}
+
+
+def run(bundle_dir: Path, quick: bool = False) -> dict:
+    qs = queries(bundle_dir)
+    secs = 4.0 if quick else 10.0
+    limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs)
+    levels = (1, 4, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
+    on = served(bundle_dir, qs, levels, secs)
+    ok = [r for r in on["rows"] if r["p99_ms"] <= 50.0]
+    best = max(ok, key=lambda r: r["qps"]) if ok else None
+    off = served(bundle_dir, qs, (32,), secs, extra=("--max-batch-size", "1"))
+    on32 = next(r for r in on["rows"] if r["clients"] == 32)
+    off32 = off["rows"][0]
+    return {
+        "bundle": str(bundle_dir), "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
+        "served_qps_p99_50ms": best["qps"] if best else 0.0,
+        "served_over_inprocess": (best["qps"] if best else 0.0) / limit["limit_qps"],
+        "batching_gain": on32["qps"] / off32["qps"], "batching_p99_ms": on32["p99_ms"], "unbatched_p99_ms": off32["p99_ms"],
+        "startup_s": on["startup_s"], "rss_mb": on["rss_mb"],
+    }
+
+
+def report(res: dict) -> str:
+    lines = [f"in-process limit ({res['queries']} queries; encode + retrieve + rerank, no gRPC):",
+             table(res["in_process"]["rows"], ["batch", "queries_per_s", "ms_per_batch"]),
+             "", "served, closed-loop gRPC Search clients (dynamic batching on):",
+             table(res["served"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors"]),
+             "", "32 clients, batching off (max batch 1):",
+             table([res["unbatched_32"]], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors"]), "",
+             f"served_qps_p99_50ms {res['served_qps_p99_50ms']:.1f}; served_over_inprocess {res['served_over_inprocess']:.2f}; "
+             f"batching_gain {res['batching_gain']:.2f}x (p99 {res['batching_p99_ms']:.0f} vs {res['unbatched_p99_ms']:.0f} ms); "
+             f"startup_s {res['startup_s']:.1f}; rss_mb {res['rss_mb']:.0f}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    res = run(args.bundle or bench_bundle(), args.quick)
+    print(report(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
