@@ -1,0 +1,80 @@
+"""Benchmark 5: approximate search vs exact, for the index types the training package chooses
+(`training.bundle_writer.build_index`: exact below 100k items, HNSW above with efSearch tuned to
+recall@100 >= 0.98), at the real 53k-54k Home Depot vectors and at N vectors (the real ones plus
+perturbed, re-normalised copies). Queries are held-out perturbed item vectors, searched in batches
+of 32 (the server's batch), 1 OpenMP thread per the design's measurement for single queries off.
+
+    python bench/ann.py [--bundle DIR] [--n 1000000] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchutil import bench_bundle, median_s, table
+
+
+def grow(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, real.shape[1]), np.float32)
+    out[:len(real)] = real
+    for start in range(len(real), n, len(real)):
+        end = min(n, start + len(real))
+        block = real[: end - start] + rng.normal(0, 0.08, (end - start, real.shape[1])).astype(np.float32)
+        out[start:end] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def measure(vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> dict:
+    import faiss
+
+    from training.bundle_writer import build_index
+
+    faiss.cvar.distance_compute_blas_threshold = 1
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    t0 = time.perf_counter()
+    index, params = build_index(vectors, flat_max_items=100_000)
+    build_s = time.perf_counter() - t0
+    batches = [queries[i:i + 32] for i in range(0, len(queries), 32)]
+    exact_s = median_s(lambda: [exact.search(b, k) for b in batches], repeat=3)
+    ann_s = median_s(lambda: [index.search(b, k) for b in batches], repeat=3)
+    truth = np.concatenate([exact.search(b, k)[1] for b in batches])
+    found = np.concatenate([index.search(b, k)[1] for b in batches])
+    recall = float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
+    return {"n": len(vectors), "index": params["type"], "efSearch": params.get("efSearch"),
+            "build_s": build_s, "recall@100": recall, "exact_qps": len(queries) / exact_s,
+            "ann_qps": len(queries) / ann_s, "speedup": exact_s / ann_s}
+
+
+def run(bundle_dir: Path, n: int) -> dict:
+    real = np.load(bundle_dir / "item_vectors.npy").astype(np.float32)
+    rng = np.random.default_rng(1)
+    q = real[rng.choice(len(real), 1024, replace=False)] + rng.normal(0, 0.05, (1024, real.shape[1])).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    rows = [measure(real, q)]
+    if n > len(real):
+        rows.append(measure(grow(real, n), q))
+    big = rows[-1]
+    return {"rows": rows, "ann_1m_recall@100": big["recall@100"], "ann_1m_speedup": big["speedup"], "ann_n": big["n"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    res = run(args.bundle or bench_bundle(), args.n)
+    print("ANN vs exact (1024 perturbed item-vector queries in batches of 32; medians)")
+    print(table(res["rows"], ["n", "index", "efSearch", "build_s", "recall@100", "exact_qps", "ann_qps", "speedup"]))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

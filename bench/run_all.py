@@ -1,0 +1,64 @@
+"""Run every benchmark and write the headline figures.
+
+    python bench/run_all.py [--quick] [--bundle DIR] --json OUT
+
+--quick (under 10 minutes here): fewer batch sizes and concurrency levels, 4 s per level, ANN at
+200,000 vectors instead of 1,000,000. Keys written: served_over_inprocess, batching_gain,
+ann_1m_recall@100, ann_1m_speedup, kernel_speedup, startup_s, served_qps_p99_50ms, rss_mb (plus every
+table under "details"). Each benchmark measures ours and its baseline in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import ann
+import encoder
+import kernels
+import serving
+from benchutil import bench_bundle
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args()
+    bundle = args.bundle or bench_bundle()
+    started = time.perf_counter()
+    details = {}
+    print(f"== bundle {bundle} on {platform.processor() or platform.machine()}, quick={args.quick}")
+    details["kernels"] = kernels.run(bundle)
+    print("\n== 6. kernels vs numpy twins")
+    print(kernels.table(details["kernels"]["rows"], ["kernel", "numba_ms", "numpy_ms", "speedup"]))
+    details["encoder"] = encoder.run(bundle, "cpu", args.quick)
+    print("\n== 1. encoder throughput")
+    print(encoder.table(details["encoder"]["rows"], list(details["encoder"]["rows"][0])))
+    details["ann"] = ann.run(bundle, 200_000 if args.quick else 1_000_000)
+    print("\n== 5. ANN vs exact")
+    print(ann.table(details["ann"]["rows"], list(details["ann"]["rows"][0])))
+    details["serving"] = serving.run(bundle, args.quick)
+    print("\n== 2-4. in-process limit, served sweep, batching on/off")
+    print(serving.report(details["serving"]))
+    s = details["serving"]
+    headline = {
+        "served_over_inprocess": s["served_over_inprocess"], "batching_gain": s["batching_gain"],
+        "ann_1m_recall@100": details["ann"]["ann_1m_recall@100"], "ann_1m_speedup": details["ann"]["ann_1m_speedup"],
+        "ann_n": details["ann"]["ann_n"], "kernel_speedup": details["kernels"]["kernel_speedup"],
+        "startup_s": s["startup_s"], "served_qps_p99_50ms": s["served_qps_p99_50ms"], "rss_mb": s["rss_mb"],
+    }
+    out = {**headline, "quick": args.quick, "bundle": str(bundle), "seconds": time.perf_counter() - started,
+           "details": details}
+    args.json.write_text(json.dumps(out, indent=2, default=float))
+    print("\n== headline")
+    for k, v in headline.items():
+        print(f"  {k:24} {v:.3f}" if isinstance(v, float) else f"  {k:24} {v}")
+    print(f"  ({out['seconds']:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
