@@ -15,10 +15,10 @@ import platform
 import time
 from pathlib import Path
 
-import ann
-import encoder
-import kernels
-import serving
+import ann_recall as ann
+import encoder_throughput as encoder
+import kernels_vs_numpy as kernels
+import serving_load as serving
 from benchutil import bench_bundle
 
 

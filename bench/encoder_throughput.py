@@ -1,7 +1,7 @@
 """Benchmark 1: encoder throughput by batch size, fp32 vs bf16 on CPU (fp16 vs fp32 on CUDA), for
 short queries and for catalog passages.
 
-    python bench/encoder.py [--bundle DIR] [--device cpu|cuda] [--quick] [--json OUT]
+    python bench/encoder_throughput.py [--bundle DIR] [--device cpu|cuda] [--quick] [--json OUT]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Benchmark 6: every numba kernel vs its numpy twin at production sizes (a batch of 32 queries over
 the bench bundle: its real BM25 index, real candidates and, for trees, its LambdaMART model).
 
-    python bench/kernels.py [--bundle DIR] [--json OUT]
+    python bench/kernels_vs_numpy.py [--bundle DIR] [--json OUT]
 """
 from __future__ import annotations
 

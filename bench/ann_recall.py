@@ -4,7 +4,7 @@ recall@100 >= 0.98), at the real 53k-54k Home Depot vectors and at N vectors (th
 perturbed, re-normalised copies). Queries are held-out perturbed item vectors, searched in batches
 of 32 (the server's batch), 1 OpenMP thread per the design's measurement for single queries off.
 
-    python bench/ann.py [--bundle DIR] [--n 1000000] [--json OUT]
+    python bench/ann_recall.py [--bundle DIR] [--n 1000000] [--json OUT]
 """
 from __future__ import annotations
 

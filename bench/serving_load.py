@@ -2,7 +2,7 @@
 size, no gRPC), the served system under closed-loop gRPC clients at rising concurrency, and dynamic
 batching on vs off (max batch 1) under the same load; plus start-up time and resident memory.
 
-    python bench/serving.py [--bundle DIR] [--quick] [--json OUT]
+    python bench/serving_load.py [--bundle DIR] [--quick] [--json OUT]
 """
 from __future__ import annotations
 
