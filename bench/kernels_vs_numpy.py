@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchutil import ROOT, bench_bundle, median_s, table  # noqa: F401  (importing it puts the project on sys.path)
+from benchutil import bench_bundle, median_s, table  # importing benchutil puts the project on sys.path
 
 
 def run(bundle_dir: Path, batch: int = 32, repeat: int = 5) -> dict:

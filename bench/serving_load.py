@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -34,15 +33,16 @@ def queries(bundle_dir: Path, n: int = 2000) -> list[str]:
     return [" ".join(t.split()[:3]) for t in titles][:n]
 
 
-def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0) -> dict:
-    from common.encoding import TextEncoder
+def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0,
+               device: str = "cpu") -> dict:
+    from common.encoding import TextEncoder, resolve_dtype
     from server.bundle import load_bundle
     from server.config import ServerConfig
     from server.engine import SearchEngine
     from server.types import SearchQuery
 
     bundle = load_bundle(bundle_dir)
-    enc = TextEncoder(bundle.encoder_dir, device="cpu", dtype="float32")
+    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, "auto"))
     engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
     engine.warmup()
     rows = []
@@ -87,31 +87,31 @@ def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
             "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
 
 
-def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=()) -> dict:
+def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), device: str = "cpu") -> dict:
     import psutil
 
     from training.served import ServedBundle, pb
 
-    with ServedBundle(bundle_dir, device="cpu", extra_args=tuple(extra)) as srv:
+    with ServedBundle(bundle_dir, device=device, extra_args=tuple(extra)) as srv:
         closed_loop(srv.stub, pb, qs, 4, 1.0)  # connections up, caches warm
         rows = [closed_loop(srv.stub, pb, qs, c, seconds) for c in levels]
         rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
         return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows}
 
 
-def run(bundle_dir: Path, quick: bool = False) -> dict:
+def run(bundle_dir: Path, quick: bool = False, device: str = "cpu") -> dict:
     qs = queries(bundle_dir)
     secs = 4.0 if quick else 10.0
-    limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs)
+    limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs, device=device)
     levels = (1, 4, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
-    on = served(bundle_dir, qs, levels, secs)
+    on = served(bundle_dir, qs, levels, secs, device=device)
     ok = [r for r in on["rows"] if r["p99_ms"] <= 50.0]
     best = max(ok, key=lambda r: r["qps"]) if ok else None
-    off = served(bundle_dir, qs, (32,), secs, extra=("--max-batch-size", "1"))
+    off = served(bundle_dir, qs, (32,), secs, extra=("--max-batch-size", "1"), device=device)
     on32 = next(r for r in on["rows"] if r["clients"] == 32)
     off32 = off["rows"][0]
     return {
-        "bundle": str(bundle_dir), "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
+        "bundle": str(bundle_dir), "device": device, "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
         "served_qps_p99_50ms": best["qps"] if best else 0.0,
         "served_over_inprocess": (best["qps"] if best else 0.0) / limit["limit_qps"],
         "batching_gain": on32["qps"] / off32["qps"], "batching_p99_ms": on32["p99_ms"], "unbatched_p99_ms": off32["p99_ms"],
@@ -136,9 +136,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bundle", type=Path, default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the encoder; FAISS is on the GPU only with faiss-gpu)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    res = run(args.bundle or bench_bundle(), args.quick)
+    res = run(args.bundle or bench_bundle(), args.quick, args.device)
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
