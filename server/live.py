@@ -21,9 +21,6 @@ import pandas as pd
 from common.text import number_tokens, tokenize
 from server.bundle import Bundle, ItemTable, LexicalIndex, build_item_table
 
-ITEM_FIELDS = ("title", "description", "category", "brand", "price", "in_stock")
-
-
 def passage(item: dict[str, Any]) -> str:
     """The text an item is encoded from (the bundle writer's passage: title. brand. category. description)."""
     return ". ".join(p for p in (item.get("title"), item.get("brand"), item.get("category"), item.get("description")) if p)

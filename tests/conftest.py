@@ -137,3 +137,23 @@ def pb():
     from server.stubs import pb as _pb
 
     return _pb
+
+
+def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
+    """The RpcError that fn(*args, **kwargs) raises (the test fails if it raises none)."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+def field_of(err: grpc.RpcError) -> str | None:
+    """The field named by the google.rpc.BadRequest detail of a failed call, if any."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return bad.field_violations[0].field
+    return None

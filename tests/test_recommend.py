@@ -10,25 +10,8 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from tests.conftest import SAMPLE, serve
-
-
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-def field_of(err: grpc.RpcError) -> str | None:
-    status = rpc_status.from_call(err)
-    for detail in status.details if status else []:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return None
+from tests.conftest import SAMPLE, field_of, rpc_error, serve
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, field_of, rpc_error
 
 
 def search(stub, pb, query, **kw):
@@ -21,21 +19,6 @@ def search(stub, pb, query, **kw):
     if filters is not None:
         req.filters.CopyFrom(filters)
     return stub.Search(req, timeout=30)
-
-
-def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn(*args, **kwargs)
-    return info.value
-
-
-def field_of(err: grpc.RpcError) -> str | None:
-    status = rpc_status.from_call(err)
-    for detail in status.details if status else []:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return None
 
 
 # --- relevance -------------------------------------------------------------------------------
