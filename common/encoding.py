@@ -79,7 +79,8 @@ class TextEncoder:
         self.pooling = pooling
         self.normalize = normalize
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+        # safetensors only: a pickled pytorch_model.bin is never loaded (no code runs from weight files).
+        model = AutoModel.from_pretrained(self.model_dir, local_files_only=True, use_safetensors=True)
         model.eval()
         if dtype == "float16":
             model = model.half()  # CUDA only (resolve_dtype enforces it)

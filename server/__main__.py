@@ -1,6 +1,6 @@
 """`python -m server --bundle DIR --port N --device auto|cpu|cuda ...` (see --help).
 
-Exit status 2 when the bundle or the device cannot be used. SIGTERM/SIGINT shut down gracefully;
+Exit status 2 when the bundle, the device or a TLS/tokens/key file cannot be used. SIGTERM/SIGINT shut down gracefully;
 SIGHUP re-reads the bundle directory being served and swaps it in.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 import transformers
 
 from common.encoding import DeviceError
+from server.access import AccessConfigError
 from server.app import create_server
 from server.bundle import BundleError
 from server.config import ServerConfig, from_args
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print("searchrec config:\n" + config.describe(), flush=True)
     try:
         asyncio.run(serve(config))
-    except (BundleError, DeviceError) as exc:
+    except (BundleError, DeviceError, AccessConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

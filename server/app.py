@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.encoding import resolve_device, resolve_dtype
+from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.runtime import RuntimeHolder
@@ -35,6 +36,11 @@ class SearchrecServer:
         # One compute thread: batches run one at a time, off the event loop; loading has its own.
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        # Access files are read before the bundle: a bad tokens/TLS/key file is a start-up error (AccessConfigError).
+        self.tokens = load_tokens(config.tokens) if config.tokens is not None else None
+        self.credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                            if config.tls_cert is not None else None)
+        self.pseudonymise = Pseudonymiser.from_file(config.user_id_key) if config.user_id_key is not None else None
         self.holder = RuntimeHolder(config, self.device, self.dtype, self.compute, self.loader)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
@@ -48,12 +54,18 @@ class SearchrecServer:
         await self.holder.load_initial(self.config.bundle)  # BundleError: refuse to start
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        server = grpc.aio.server(options=opts)
-        add_to_server(SearchRecommendService(self.holder, started, self.metrics), server)
+        on_denied = self.metrics.observe_denied if self.metrics is not None else None
+        # maximum_concurrent_rpcs bounds the calls held in memory under overload: beyond it gRPC answers
+        # RESOURCE_EXHAUSTED before a handler (or a request buffer) exists.
+        server = grpc.aio.server(options=opts, interceptors=[Gatekeeper(self.tokens, on_denied)],
+                                 maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        add_to_server(SearchRecommendService(self.holder, started, self.metrics, self.pseudonymise), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        port = (server.add_secure_port(address, self.credentials) if self.credentials is not None
+                else server.add_insecure_port(address))
         if port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -62,8 +74,9 @@ class SearchrecServer:
         self.grpc_server, self.port = server, port
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        log.info("serving %s on %s:%d (%.1fs to SERVING)", self.holder.current.version, self.config.host, port,
-                 time.monotonic() - started)
+        log.info("serving %s on %s:%d (%s%s, %.1fs to SERVING)", self.holder.current.version, self.config.host, port,
+                 "plaintext" if self.credentials is None else "mutual TLS" if self.config.tls_client_ca else "TLS",
+                 ", tokens" if self.tokens is not None else "", time.monotonic() - started)
         return port
 
     async def stop(self, grace: float | None = None) -> None:

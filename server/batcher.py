@@ -4,7 +4,8 @@ Callers `submit` one item and await its result; a worker task gathers up to `max
 (waiting at most `max_delay_ms` after the first one arrived), drops work whose caller has gone
 (cancelled) or whose deadline has passed (never computed), runs the batch function in an executor
 thread so the event loop keeps accepting, and hands each caller its own result. A batch that fails
-fails only its own callers. The queue is bounded: a full queue is rejected at once (`Overloaded`).
+fails only its own callers. The queue is bounded: a full queue is rejected at once (`Overloaded`), and so is a call whose deadline
+would pass while it waits behind the queue (estimated from the recent batch compute time).
 The batcher knows nothing about models: it takes a callable `list[T] -> list[R]`.
 """
 from __future__ import annotations
@@ -108,6 +109,8 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task | None = None
+        self._running = False  # a batch is being computed
+        self._batch_s: float | None = None  # moving average of one batch's compute time
 
     @property
     def queue_depth(self) -> int:
@@ -129,6 +132,16 @@ class DynamicBatcher(Generic[T, R]):
         if len(self._queue) >= self.max_queue:
             self.stats.rejected += 1
             raise Overloaded(f"server overloaded: the queue is full ({self.max_queue} requests waiting); retry later")
+        if deadline is not None and self._queue and self._batch_s is not None:
+            # Admission by deadline: a call that would still be queued when its deadline passes is refused
+            # now, cheaply, instead of holding a slot and expiring later. An idle server admits everything.
+            ahead = len(self._queue) // self.max_batch_size + 1 + int(self._running)
+            wait_s = ahead * self._batch_s
+            if now + wait_s > deadline:
+                self.stats.rejected += 1
+                raise Overloaded(f"server overloaded: {len(self._queue)} requests are queued ahead (about "
+                                 f"{1000 * wait_s:.0f} ms of work) and this call's deadline is in "
+                                 f"{1000 * (deadline - now):.0f} ms; retry later")
         self.start()
         entry = _Entry(item, asyncio.get_running_loop().create_future(), deadline, now)
         self._queue.append(entry)
@@ -191,6 +204,7 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             started = time.monotonic()
             items = [e.item for e in batch]
+            self._running = True
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, items)
                 if len(results) != len(batch):
@@ -204,8 +218,11 @@ class DynamicBatcher(Generic[T, R]):
                     if not e.future.done():
                         e.future.set_exception(exc)
                 continue
+            finally:
+                self._running = False
             finished = time.monotonic()
             compute_s = finished - started
+            self._batch_s = compute_s if self._batch_s is None else 0.8 * self._batch_s + 0.2 * compute_s
             self.stats.batches_run += 1
             self.stats.items_computed += len(batch)
             self.stats.compute_s_total += compute_s

@@ -41,6 +41,13 @@ class ServerConfig:
     max_write_batch: int = 1000  # events / items / ids per write request
     fsync: bool = True  # fsync the event log before acknowledging (off only for throwaway tests)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
+    max_concurrent_rpcs: int = 2048  # calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED
+    max_live_users: int = 1_000_000  # users with live state in memory (least recently active evicted first)
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
+    tokens: Path | None = None  # JSON file of callers, their tokens and roles; None = no token check
+    user_id_key: Path | None = None  # secret key file: user ids are stored and logged as keyed hashes
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +67,14 @@ class ServerConfig:
             problems.append("rec_candidates must be >= 1")
         if self.max_write_batch < 1:
             problems.append("max_write_batch must be >= 1")
+        if self.max_concurrent_rpcs < 1:
+            problems.append("max_concurrent_rpcs must be >= 1")
+        if self.max_live_users < 1:
+            problems.append("max_live_users must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -95,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=_env("metrics_port", None),
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = a free port; default off)")
     p.add_argument("--max-write-batch", type=int, default=int(_env("max_write_batch", d.max_write_batch)))
+    p.add_argument("--max-concurrent-rpcs", type=int, default=int(_env("max_concurrent_rpcs", d.max_concurrent_rpcs)))
+    p.add_argument("--max-live-users", type=int, default=int(_env("max_live_users", d.max_live_users)))
+    p.add_argument("--max-message-bytes", type=int, default=int(_env("max_message_bytes", d.max_message_bytes)))
+    p.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None), help="PEM certificate chain (TLS)")
+    p.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="PEM private key (TLS)")
+    p.add_argument("--tls-client-ca", type=Path, default=_env("tls_client_ca", None),
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--tokens", type=Path, default=_env("tokens", None),
+                   help="JSON file of callers with token (or token_sha256) and roles read/write/reload")
+    p.add_argument("--user-id-key", type=Path, default=_env("user_id_key", None),
+                   help="file holding a secret key: user ids are pseudonymised (HMAC-SHA256) before logs and the event store")
     return p
 
 

@@ -35,6 +35,8 @@ class Metrics:
                                     ["batcher"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_time = Histogram("searchrec_compute_seconds", "compute time of one batch", ["batcher"],
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.denied = Counter("searchrec_denied", "calls refused by the access check, by method and code",
+                              ["method", "code"], registry=r)
         self.holder = holder
         if holder is not None:
             r.register(_StateCollector(holder))
@@ -45,6 +47,9 @@ class Metrics:
     def observe_rpc(self, method: str, seconds: float, code: str) -> None:
         self.rpc_latency.labels(method).observe(seconds)
         self.rpc_total.labels(method, code).inc()
+
+    def observe_denied(self, method: str, code: str) -> None:
+        self.denied.labels(method.rsplit("/", 1)[-1], code).inc()
 
     def observe_batch(self, batcher: str, size: int, compute_s: float, queue_s: list[float]) -> None:
         self.batch_size.labels(batcher).observe(size)

@@ -146,7 +146,8 @@ class RuntimeHolder:
         self.stats = BatcherStats()
         self.rec_stats = BatcherStats()
         self.encode_stats = BatcherStats()
-        self.live = LiveState(config.state_dir, config.max_user_events, fsync=config.fsync) if config.state_dir else None
+        self.live = (LiveState(config.state_dir, config.max_user_events, fsync=config.fsync, max_users=config.max_live_users)
+                     if config.state_dir else None)
         self.write_lock = asyncio.Lock()  # one Feedback at a time: duplicate checks + log order
         self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
         self._current: Runtime | None = None

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -24,6 +25,7 @@ from common.text import has_control_chars
 from server.config import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
 from server.errors import (DeadlineExpired, FailedPrecondition, InvalidArgument, NotFound, Overloaded,
                            SearchrecError, Unavailable, Unimplemented)  # noqa: F401
+from server.access import Undecodable
 from server.live import passage
 from common.seqrec import HISTORY_CAP
 from server.recommend import RecQuery
@@ -76,6 +78,9 @@ def _rpc(handler):
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(f"the request is not a valid {handler.__name__}Request message: {request.problem}",
+                                      field="request")
             result = await handler(self, request, context)
         except SearchrecError as exc:
             status = _status_for(exc)
@@ -152,10 +157,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     """searchrec.v1.SearchRecommend over a RuntimeHolder."""
 
-    def __init__(self, holder: RuntimeHolder, started_at: float, metrics=None) -> None:
+    def __init__(self, holder: RuntimeHolder, started_at: float, metrics=None,
+                 pseudonymise: Callable[[str], str] | None = None) -> None:
         self.holder = holder
         self.started_at = started_at
         self.metrics = metrics
+        # User ids are replaced by keyed pseudonyms before they reach the event store or a log line.
+        self.pseudonymise = pseudonymise or (lambda user_id: user_id)
 
     def _observe(self, method: str, started: float, code: str) -> None:
         if self.metrics is not None:
@@ -252,7 +260,9 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         repeats = runtime.rec.allow_repeats
         hist: list[int] = []
         exclude: set[int] = set()
-        u = rec.user_index.get(user_id) if user_id else None
+        pseudonym = self.pseudonymise(user_id)
+        # A bundle built from our own event store knows users by pseudonym; one built from raw logs by id.
+        u = (rec.user_index.get(user_id, rec.user_index.get(pseudonym)) if user_id else None)
         if u is not None:
             for r in rec.history(u)[-HISTORY_CAP:]:
                 row = items.id_to_row.get(items.ids[r])  # a changed item lives on in its new row
@@ -262,7 +272,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                         exclude.add(row)  # bundle histories are purchases
         live = self.holder.live
         if user_id and live is not None:
-            for item_id, kind in live.user_events(user_id):
+            for item_id, kind in live.user_events(pseudonym):
                 row = items.id_to_row.get(item_id)
                 if row is None:
                     continue
@@ -332,7 +342,8 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             if item_id not in runtime.bundle.items.id_to_row:
                 raise NotFound(f"{f}.item_id {item_id!r} is not in the catalog; nothing of this request was applied",
                                field=f"{f}.item_id")
-            events.append(Event(event_id, user_id, item_id, int(e.type), int(ts), query, int(e.position)))
+            events.append(Event(event_id, self.pseudonymise(user_id), item_id, int(e.type), int(ts), query,
+                                int(e.position)))
         async with self.holder.write_lock:
             fresh, seen = [], set()
             for ev in events:  # idempotent by event_id, within the request and across requests

@@ -4,7 +4,8 @@ and live catalog changes, all made durable by the event log under --state-dir.
 Writes go log-first: a request's records are appended (and fsynced) before they are applied in
 memory, and only then acknowledged; on start the log is replayed in order, so everything that was
 acknowledged is back and a torn last record (a crash mid-append) is dropped and reported.
-Per-user state is bounded to the last `max_events` events (see `bytes_per_user`).
+Per-user state is bounded to the last `max_events` events (see `bytes_per_user`), and the number of
+users held to `max_users` (least recently active evicted first).
 """
 from __future__ import annotations
 
@@ -54,9 +55,13 @@ class LiveState:
     """Users' recent events, live counters, seen event ids and catalog changes (+ their log)."""
 
     def __init__(self, state_dir: Path | None, max_events: int = 50, max_event_ids: int = 1_000_000,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, max_users: int = 1_000_000) -> None:
         self.max_events = max_events
-        self.users: dict[str, deque[tuple[str, int]]] = {}  # user -> (item_id, type), oldest first
+        self.max_users = max_users
+        # user -> (item_id, type), oldest first; least recently active user first, so memory stays
+        # bounded at max_users x bytes_per_user. An evicted user's events stay in the log (and in the next build).
+        self.users: OrderedDict[str, deque[tuple[str, int]]] = OrderedDict()
+        self.evicted_users = 0
         self.item_counts: dict[str, float] = {}
         self.event_ids: OrderedDict[str, None] = OrderedDict()  # insertion-ordered, bounded
         self.max_event_ids = max_event_ids
@@ -124,6 +129,11 @@ class LiveState:
             q = self.users.get(e.user_id)
             if q is None:
                 q = self.users[e.user_id] = deque(maxlen=self.max_events)
+                if len(self.users) > self.max_users:
+                    self.users.popitem(last=False)
+                    self.evicted_users += 1
+            else:
+                self.users.move_to_end(e.user_id)
             q.append((sys.intern(e.item_id), e.type))
             self.item_counts[e.item_id] = self.item_counts.get(e.item_id, 0.0) + EVENT_WEIGHT.get(e.type, 0.0)
 
