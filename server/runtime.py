@@ -184,7 +184,7 @@ class RuntimeHolder:
             started = time.perf_counter()
             try:
                 new = await self._build(target)
-            except BundleError as exc:
+            except (BundleError, OSError) as exc:  # OSError: a path the file system cannot even look up
                 log.warning("reload refused: %s", exc)
                 raise FailedPrecondition(f"bundle refused, still serving {old.version}: {exc}", field="path") from exc
             new.start()

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "training" / "sample"
 sys.path.insert(0, str(ROOT))
 
+from loadtest.hostile import field_of  # noqa: E402,F401  (one helper for tests and the reliability report)
+
 
 def data_dir() -> Path:
     """The shared real-data directory (SEARCHREC_DATA_DIR, default ../shared/data)."""
@@ -145,15 +147,3 @@ def rpc_error(fn, *args, **kwargs) -> grpc.RpcError:
         fn(*args, **kwargs)
     return info.value
 
-
-def field_of(err: grpc.RpcError) -> str | None:
-    """The field named by the google.rpc.BadRequest detail of a failed call, if any."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(err)
-    for detail in status.details if status else []:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return None
