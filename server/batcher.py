@@ -5,7 +5,8 @@ Callers `submit` one item and await its result; a worker task gathers up to `max
 (cancelled) or whose deadline has passed (never computed), runs the batch function in an executor
 thread so the event loop keeps accepting, and hands each caller its own result. A batch that fails
 fails only its own callers. The queue is bounded: a full queue is rejected at once (`Overloaded`), and so is a call whose deadline
-would pass while it waits behind the queue (estimated from the recent batch compute time).
+would pass while it waits behind the queue (estimated from the recent batch compute time and the
+event loop's lag).
 The batcher knows nothing about models: it takes a callable `list[T] -> list[R]`.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Callable, Generic, TypeVar
 
 from server.errors import DeadlineExpired, Overloaded, Unavailable
 
+import os as _os
+ADMIT_MARGIN = float(_os.environ.get("ADM", "2.0"))  # admit a call only if its predicted wait is at most 1/ADMIT_MARGIN of its remaining deadline
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
@@ -89,6 +92,7 @@ class DynamicBatcher(Generic[T, R]):
         executor: Executor | None = None,
         stats: BatcherStats | None = None,
         name: str = "batcher",
+        lag: "LoopLag | None" = None,
     ) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
@@ -105,12 +109,15 @@ class DynamicBatcher(Generic[T, R]):
         self.executor = executor
         self.stats = stats if stats is not None else BatcherStats()
         self.name = name
+        self.lag = lag
         self._queue: collections.deque[_Entry] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task | None = None
         self._running = False  # a batch is being computed
-        self._batch_s: float | None = None  # moving average of one batch's compute time
+        # Moving average of one batch's compute time. Per batch, not per request: under overload batches
+        # are full, and a per-request average taken from small batches overstates the cost (fixed costs).
+        self._batch_s: float | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -135,8 +142,10 @@ class DynamicBatcher(Generic[T, R]):
         if deadline is not None and self._queue and self._batch_s is not None:
             # Admission by deadline: a call that would still be queued when its deadline passes is refused
             # now, cheaply, instead of holding a slot and expiring later. An idle server admits everything.
+            # The answer also has to travel back through the event loop: under a flood that loop is
+            # itself the bottleneck, so its measured lag counts (twice: the request in, the answer out).
             ahead = len(self._queue) // self.max_batch_size + 1 + int(self._running)
-            wait_s = ahead * self._batch_s
+            wait_s = ahead * self._batch_s + 2 * (self.lag.seconds if self.lag is not None else 0.0)
             if now + wait_s > deadline:
                 self.stats.rejected += 1
                 raise Overloaded(f"server overloaded: {len(self._queue)} requests are queued ahead (about "
@@ -183,13 +192,18 @@ class DynamicBatcher(Generic[T, R]):
                 break
         batch = []
         now = time.monotonic()
+        # A call whose deadline passes before this batch can finish is not computed: its caller would
+        # be gone by then, and the time is better spent on the others.
+        finish = now + (self._batch_s or 0.0)
         while self._queue and len(batch) < self.max_batch_size:
             entry = self._queue.popleft()
             if entry.future.done():
                 continue  # cancelled while queued
-            if entry.deadline is not None and entry.deadline <= now:
+            if entry.deadline is not None and entry.deadline <= finish:
                 self.stats.expired += 1
-                entry.future.set_exception(DeadlineExpired("the deadline passed while the request was queued"))
+                entry.future.set_exception(DeadlineExpired(
+                    "the deadline passed while the request was queued" if entry.deadline <= now else
+                    "the deadline would pass before the request could be computed"))
                 continue
             batch.append(entry)
         return batch
@@ -236,3 +250,33 @@ class DynamicBatcher(Generic[T, R]):
                 if not e.future.done():
                     self.stats.done += 1
                     e.future.set_result(BatchResult(value, queue_s, compute_s, len(batch)))
+
+
+class LoopLag:
+    """How late the event loop runs a timer that should fire every `every_s` (moving average of the
+    overshoot): a direct measure of how long any callback, a reply included, waits for the loop."""
+
+    def __init__(self, every_s: float = 0.01) -> None:
+        self.every_s = every_s
+        self.seconds = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+
+    async def _run(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(self.every_s)
+            late = max(0.0, time.monotonic() - t0 - self.every_s)
+            self.seconds = 0.7 * self.seconds + 0.3 * late
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

@@ -27,7 +27,7 @@ class ServerConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (cuda only)
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
-    max_queue: int = 512
+    max_queue: int = 64  # per batcher; deeper queues only add waiting (deadline-aware admission refuses early anyway)
     candidates: int = 100  # dense and lexical candidates per query before reranking
     exact_filter_max: int = 4096  # filtered subsets this small are searched exactly
     torch_threads: int = 0  # 0 = torch default (all cores)
@@ -41,7 +41,7 @@ class ServerConfig:
     max_write_batch: int = 1000  # events / items / ids per write request
     fsync: bool = True  # fsync the event log before acknowledging (off only for throwaway tests)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
-    max_concurrent_rpcs: int = 2048  # calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 128  # calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED (cheaply, in its C core)
     max_live_users: int = 1_000_000  # users with live state in memory (least recently active evicted first)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS instead of plaintext
     tls_key: Path | None = None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common.encoding import TextEncoder
-from server.batcher import BatcherStats, DynamicBatcher
+from server.batcher import BatcherStats, DynamicBatcher, LoopLag
 from server.bundle import Bundle, BundleError, load_bundle
 from server.config import ServerConfig
 from server.engine import SearchEngine
@@ -93,7 +93,8 @@ def make_rec(bundle: Bundle, device: str, config: ServerConfig, live_counts: dic
 
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                   executor: Executor, stats: BatcherStats, live: LiveState | None = None,
-                  rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None) -> Runtime:
+                  rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None,
+                  lag: LoopLag | None = None) -> Runtime:
     """Load, verify and warm a bundle and land the live catalog changes it lacks (blocking; run it
     off the event loop)."""
     started = time.perf_counter()
@@ -119,14 +120,16 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     name = bundle.version
     runtime.batcher = DynamicBatcher(runtime._search, max_batch_size=config.max_batch_size,
                                      max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                     executor=executor, stats=stats, name=f"search[{name}]")
+                                     executor=executor, stats=stats, name=f"search[{name}]", lag=lag)
     if runtime.rec is not None:
         runtime.rec_batcher = DynamicBatcher(runtime._recommend, max_batch_size=config.max_batch_size,
                                              max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                             executor=executor, stats=rec_stats or BatcherStats(), name=f"recommend[{name}]")
+                                             executor=executor, stats=rec_stats or BatcherStats(), name=f"recommend[{name}]",
+                                             lag=lag)
     runtime.encode_batcher = DynamicBatcher(runtime._encode, max_batch_size=config.max_batch_size,
                                             max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                            executor=executor, stats=encode_stats or BatcherStats(), name=f"encode[{name}]")
+                                            executor=executor, stats=encode_stats or BatcherStats(), name=f"encode[{name}]",
+                                            lag=lag)
     log.info("bundle %s ready in %.2fs: %d items, index %s, recommender %s, device %s/%s", bundle.version,
              time.perf_counter() - started, len(bundle.items), bundle.index_type,
              "yes" if runtime.rec is not None else "no", device, dtype)
@@ -146,11 +149,15 @@ class RuntimeHolder:
         self.stats = BatcherStats()
         self.rec_stats = BatcherStats()
         self.encode_stats = BatcherStats()
+        self.lag = LoopLag()  # event-loop lag, for deadline-aware admission
         self.live = (LiveState(config.state_dir, config.max_user_events, fsync=config.fsync, max_users=config.max_live_users)
                      if config.state_dir else None)
         self.write_lock = asyncio.Lock()  # one Feedback at a time: duplicate checks + log order
         self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
         self._current: Runtime | None = None
+        # The bundle path as given (not resolved): re-reading it after a deploy tool re-points a
+        # symlink picks up the new bundle (SIGHUP, or ReloadBundle with an empty path).
+        self.source: Path | None = None
         self._lock = asyncio.Lock()
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
@@ -165,12 +172,13 @@ class RuntimeHolder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.loader, build_runtime, path, self.config, self.device, self.dtype, self.compute, self.stats,
-            self.live, self.rec_stats, self.encode_stats)
+            self.live, self.rec_stats, self.encode_stats, self.lag)
 
     async def load_initial(self, path: Path) -> Runtime:
+        self.lag.start()
         runtime = await self._build(path)
         runtime.start()
-        self._current = runtime
+        self._current, self.source = runtime, Path(path)
         return runtime
 
     async def reload(self, path: Path | None) -> tuple[Runtime, Runtime, float]:
@@ -180,7 +188,7 @@ class RuntimeHolder:
         """
         async with self._lock, self.catalog_lock:
             old = self.current
-            target = path or old.bundle.path
+            target = path or self.source or old.bundle.path
             started = time.perf_counter()
             try:
                 new = await self._build(target)
@@ -188,13 +196,14 @@ class RuntimeHolder:
                 log.warning("reload refused: %s", exc)
                 raise FailedPrecondition(f"bundle refused, still serving {old.version}: {exc}", field="path") from exc
             new.start()
-            self._current = new  # the swap: requests from here on take the new runtime
+            self._current, self.source = new, Path(target)  # the swap: requests from here on take the new runtime
             await old.close()  # in-flight requests finish on the old bundle
             seconds = time.perf_counter() - started
             log.info("swapped bundle %s -> %s in %.2fs", old.version, new.version, seconds)
             return new, old, seconds
 
     async def close(self) -> None:
+        await self.lag.close()
         if self._current is not None:
             await self._current.close()
         if self.live is not None:

@@ -218,3 +218,57 @@ def test_event_loop_stays_responsive_while_a_batch_computes():
         return ticks
 
     assert run(main()) == 5
+
+
+class Slow(Recorder):
+    """A batch function that takes `seconds` per batch."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, items):
+        time.sleep(self.seconds)
+        return super().__call__(items)
+
+
+def test_a_call_that_cannot_make_its_deadline_behind_the_queue_is_refused_at_once():
+    async def main():
+        fn = Slow(0.2)
+        b = DynamicBatcher(fn, max_batch_size=1, max_delay_ms=0, max_queue=10, executor=ThreadPoolExecutor(1))
+        await b.submit(0)  # learns that a batch takes ~0.2 s
+        first = asyncio.ensure_future(b.submit(1))
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded, match="queued ahead"):
+            await b.submit(4, deadline=time.monotonic() + 0.3)  # ~4 batches of 0.2 s ahead
+        refused_in = time.monotonic() - t0
+        admitted = await b.submit(5, deadline=time.monotonic() + 10)  # a long deadline still gets in
+        await asyncio.gather(first, *queued)
+        await b.close()
+        return fn, b.stats, refused_in, admitted
+
+    fn, stats, refused_in, admitted = run(main())
+    assert stats.rejected == 1 and admitted.value == 50
+    assert [4] not in fn.batches
+    print(f"refused in {1000 * refused_in:.2f} ms")
+
+
+def test_an_idle_batcher_admits_short_deadlines_and_never_computes_expired_calls():
+    async def main():
+        fn = Slow(0.2)
+        b = DynamicBatcher(fn, max_batch_size=8, max_delay_ms=0, max_queue=10, executor=ThreadPoolExecutor(1))
+        await b.submit(0)
+        blocker = asyncio.ensure_future(b.submit(1))  # computing for 0.2 s
+        await asyncio.sleep(0.01)
+        # Queue empty: admitted, but its deadline passes while it waits behind the running batch.
+        with pytest.raises(DeadlineExpired):
+            await b.submit(2, deadline=time.monotonic() + 0.05)
+        await blocker
+        await b.close()
+        return fn, b.stats
+
+    fn, stats = run(main())
+    assert fn.batches == [[0], [1]]  # 2 was never computed
+    assert stats.expired == 1 and stats.rejected == 0

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+import collections
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +37,8 @@ class ServedBundle:
         self.stub = None
         self.version = ""
         self.startup_s = 0.0
+        self.port = 0
+        self.output: collections.deque[str] = collections.deque(maxlen=500)
 
     def __enter__(self) -> "ServedBundle":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -54,9 +58,21 @@ class ServedBundle:
             self.proc.wait(30)
             raise RuntimeError("server failed to start:\n" + "".join(lines[-20:]))
         self.startup_s = time.perf_counter() - started
+        self.port = port
+        # Keep reading the server's output: a full pipe would block its logging and so the server.
+        self.output: collections.deque[str] = collections.deque(lines, maxlen=500)
+        threading.Thread(target=self._drain, daemon=True).start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.SearchRecommendStub(self.channel)
         return self
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def search(self, query: str, k: int, item_ids: list[str] | None = None, timeout: float = 60.0):
         req = pb.SearchRequest(query=query, k=k)
