@@ -19,6 +19,7 @@ import grpc
 STRINGS = ["", " ", "\t\n", "\x00", "a\x00b", "\x1b[31mred", "\u202eevil", "\u200b", "drill", "SR-00001",
            "SR-00001 ", "😀" * 50, "é" * 3000, "x" * 1001, "y" * 20_000, "../../etc/passwd", "' OR 1=1 --",
            "%s%s%n", "\ufeffbom", "\r\n\r\n", "null", "NaN"]
+PLAIN = ["drill", "garden hose", "SR-00001", "SR-00100", "U0001", "Power Tools"]
 FLOATS = [math.nan, math.inf, -math.inf, -0.0, -1.0, 0.0, 1e-320, 1e308, -1e308, 99.0, 5e9]
 INT32 = [-(2 ** 31), -1, 0, 1, 10, 1000, 1001, 2 ** 31 - 1]
 INT64 = [-(2 ** 63), -1, 0, 1_700_000_000_000, 4_102_444_800_000, 2 ** 63 - 1]
@@ -48,6 +49,8 @@ class RandomDraw:
         self.rng = random.Random(seed)
 
     def text(self) -> str:
+        if self.rng.random() < 0.3:  # plain values too, so that whole requests are sometimes valid
+            return self.rng.choice(PLAIN)
         if self.rng.random() < 0.2:
             return "".join(chr(self.rng.choice([self.rng.randrange(0, 0x20), self.rng.randrange(0x20, 0xD7FF)]))
                            for _ in range(self.rng.randrange(0, 40)))

@@ -144,6 +144,8 @@ def swap_under_load(target: str, pid: int, bundles: list[Path], *, swaps: int = 
     it every swap is ReloadBundle(path)."""
     known = titles_by_version(bundles)
     versions = list(known)
+    item_ids = sorted(set.intersection(*(set(t) for t in known.values())))[:500]
+    has_rec = all((b / bf.REC_MODEL_FILE).is_file() for b in bundles)
     stats = {"requests": 0, "failed": 0, "mixed": 0, "unknown_version": 0}
     failures: list[str] = []
     seen: dict[str, int] = {}
@@ -166,10 +168,11 @@ def swap_under_load(target: str, pid: int, bundles: list[Path], *, swaps: int = 
                 try:
                     if n % 10 < 7:
                         r = stub.Search(pb.SearchRequest(query=QUERIES[n % len(QUERIES)], k=10), timeout=10)
-                    elif n % 10 < 9:
+                    elif n % 10 < 9 and has_rec:  # known users of the sample, unknown ones elsewhere (cold start)
                         r = stub.Recommend(pb.RecommendRequest(user_id=f"U{n % 400 + 1:04d}", k=10), timeout=10)
                     else:
-                        r = stub.SimilarItems(pb.SimilarItemsRequest(item_id=f"SR-{n % 300 + 1:05d}", k=10), timeout=10)
+                        item = item_ids[n % len(item_ids)]
+                        r = stub.SimilarItems(pb.SimilarItemsRequest(item_id=item, k=10), timeout=10)
                     ok = check(r.bundle_version, r.items)
                     with lock:
                         stats["requests"] += 1

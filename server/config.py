@@ -41,7 +41,9 @@ class ServerConfig:
     max_write_batch: int = 1000  # events / items / ids per write request
     fsync: bool = True  # fsync the event log before acknowledging (off only for throwaway tests)
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = a free one); None = off
-    max_concurrent_rpcs: int = 128  # calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED (cheaply, in its C core)
+    # Calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED cheaply, in its C core, before any
+    # Python runs. 64 (= max_queue, two full batches) measured best under a 10x flood here (docs/reliability.json).
+    max_concurrent_rpcs: int = 64
     max_live_users: int = 1_000_000  # users with live state in memory (least recently active evicted first)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS instead of plaintext
     tls_key: Path | None = None

@@ -101,6 +101,9 @@ class _StateCollector:
         info.add_metric([], {"version": bundle.version, "device": h.device, "dtype": h.dtype,
                              "index_type": bundle.index_type, "recommender": str(bundle.rec is not None).lower()})
         yield info
+        yield GaugeMetricFamily("searchrec_event_loop_lag_seconds",
+                                "how late the event loop runs timers (moving average; admission counts it)",
+                                value=h.lag.seconds)
         live = h.live
         yield GaugeMetricFamily("searchrec_live_users", "users with live events", value=len(live.users) if live else 0)
         log_bytes = live.log.size if live is not None and live.log is not None else 0
