@@ -6,7 +6,8 @@
 Mix (task weights): Search 70 (real queries: the Home Depot dev queries when the data directory is
 there, else the sample's; filters on 20% of them), Recommend 15, SimilarItems 10, Feedback 5.
 Item and user ids come from the bundle being served (SEARCHREC_BUNDLE, default bundles/sample).
-Every call has a deadline (SEARCHREC_DEADLINE_MS, default 1000). An interceptor reports each call
+Every call has a deadline (SEARCHREC_DEADLINE_MS, default 1000); SEARCHREC_TOKEN and SEARCHREC_TLS_CA
+reach a server that runs with --tokens / TLS. An interceptor reports each call
 to Locust's request event, so Locust's statistics are gRPC calls by method. At the end the load
 generator prints its own CPU use: it shares the machine with the server.
 """
@@ -31,6 +32,7 @@ from locust import User, between, events, task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from server.client import open_channel  # noqa: E402
 from server.stubs import pb, pb_grpc  # noqa: E402
 
 DEADLINE_S = float(os.environ.get("SEARCHREC_DEADLINE_MS", "1000")) / 1000.0
@@ -88,7 +90,9 @@ class SearchrecUser(User):
 
     def on_start(self) -> None:
         host = (self.host or "127.0.0.1:50051").replace("grpc://", "")
-        self.channel = grpc.intercept_channel(grpc.insecure_channel(host), LocustInterceptor(self.environment))
+        # SEARCHREC_TOKEN / SEARCHREC_TLS_CA: test a server that runs with --tokens / TLS.
+        channel = open_channel(host, os.environ.get("SEARCHREC_TOKEN"), os.environ.get("SEARCHREC_TLS_CA"))
+        self.channel = grpc.intercept_channel(channel, LocustInterceptor(self.environment))
         self.stub = pb_grpc.SearchRecommendStub(self.channel)
         self.user_id = random.choice(USERS) if USERS and random.random() < 0.7 else f"load-{uuid.uuid4().hex[:8]}"
 

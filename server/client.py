@@ -8,13 +8,18 @@
     python -m server.client upsert NEW-1 "Some title" --category "Power Tools" --price 99
     python -m server.client delete NEW-1
     python -m server.client info | health | reload [PATH]
+
+Against a server with access control: `--token T` (or SEARCHREC_TOKEN) sends `authorization: Bearer T`;
+`--tls-ca CA.pem` connects over TLS, and `--tls-cert/--tls-key` add a client certificate (mutual TLS).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,10 +45,40 @@ def _print_items(items, explain: bool) -> None:
             print("       " + "  ".join(f"{c.name}={c.value:.3f}->{c.contribution:+.3f}" for c in it.explanation))
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (works on plaintext and TLS channels)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = list(details.metadata or []) + [("authorization", f"Bearer {self.token}")]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def open_channel(target: str, token: str | None = None, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None) -> grpc.Channel:
+    """A channel to target: TLS when ca is given (a client certificate with cert+key), a token when given."""
+    if ca:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        creds = grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
+                                             certificate_chain=read(cert))
+        channel = grpc.secure_channel(target, creds)
+    else:
+        channel = grpc.insecure_channel(target)
+    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.client")
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--token", default=os.environ.get("SEARCHREC_TOKEN"), help="bearer token (or SEARCHREC_TOKEN)")
+    p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate: connect over TLS")
+    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="PEM client key (mutual TLS)")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("search", "similar"):
         s = sub.add_parser(name)
@@ -84,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("path", nargs="?", default="")
     args = p.parse_args(argv)
 
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, args.token, args.tls_ca, args.tls_cert, args.tls_key) as channel:
         stub = pb_grpc.SearchRecommendStub(channel)
         try:
             if args.cmd == "search":

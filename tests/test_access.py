@@ -53,6 +53,12 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(sample_bun
     try:
         with _tls_channel(srv.port, certs, certs.client_cert, certs.client_key) as ch:
             assert len(_search(ch, pb).items) == 2
+        from server.client import main as client
+
+        tls = ["--target", srv.target, "--tls-ca", str(certs.ca)]
+        assert client(tls + ["--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key),
+                             "search", "drill", "--k", "2"]) == 0
+        assert client(tls + ["--timeout", "5", "search", "drill"]) == 1  # no client certificate
         for cert, key in ((None, None), (certs.stranger_cert, certs.stranger_key)):
             with _tls_channel(srv.port, certs, cert, key) as ch:
                 with pytest.raises(grpc.RpcError) as info:
@@ -135,6 +141,13 @@ def test_tokens_gate_every_rpc_by_role(token_server, pb, second_bundle):
         resp = stub.ReloadBundle(pb.ReloadBundleRequest(path=str(second_bundle)), timeout=120,
                                  metadata=_bearer("reload-secret"))
         assert resp.bundle_version.startswith("second-")
+        # The shell client sends its token the same way.
+        from server.client import main as client
+
+        assert client(["--target", token_server.target, "--token", "read-secret", "search", "drill", "--k", "1"]) == 0
+        assert client(["--target", token_server.target, "--token", "read-secret", "feedback", "u", "SR-00002"]) == 1
+        assert client(["--target", token_server.target, "--token", "write-secret", "feedback", "u", "SR-00002"]) == 0
+        assert client(["--target", token_server.target, "search", "drill"]) == 1
         # Health probes need no token.
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
