@@ -214,9 +214,13 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         deadline = _deadline(context)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExpired("the deadline passed before the request could run")
-        loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(self.holder.compute, lambda: runtime.engine.similar(
-            item_id, k, filters, request.explain, runtime.rec))
+        def similar():
+            # Checked again when the compute thread gets to it: it may have waited behind batches.
+            if deadline is not None and deadline <= time.monotonic():
+                raise DeadlineExpired("the deadline passed while the request waited for the compute thread")
+            return runtime.engine.similar(item_id, k, filters, request.explain, runtime.rec)
+
+        hits = await asyncio.get_running_loop().run_in_executor(self.holder.compute, similar)
         return pb.SimilarItemsResponse(items=[self._scored(runtime.bundle, h) for h in hits],
                                        bundle_version=runtime.version)
 
