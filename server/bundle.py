@@ -111,7 +111,7 @@ class Bundle:
     manifest: dict[str, Any]
     version: str
     items: ItemTable
-    vectors: np.ndarray  # float32 [n, dims], L2-normalised
+    vectors: np.ndarray  # float16 [n, dims], L2-normalised; upcast the rows you read
     index: faiss.Index
     index_type: str
     lexical: LexicalIndex
@@ -295,7 +295,9 @@ def load_bundle(path: str | Path) -> Bundle:
         lexical = LexicalIndex(vocab, lex["bm25_indptr"], lex["bm25_indices"], lex["bm25_data"],
                                lex["title_indptr"], lex["title_tokens"], number_tokens(words))
         items = _load_items(root, manifest, vocab)
-        vectors = np.load(root / manifest["items"]["vectors"], allow_pickle=False).astype(np.float32)
+        # Kept in fp16, as stored: the FAISS index holds its own fp32 copy for search, and these are only
+        # read a few hundred rows at a time (re-scoring, filtered search), upcast there.
+        vectors = np.load(root / manifest["items"]["vectors"], allow_pickle=False).astype(np.float16, copy=False)
         index = faiss.read_index(str(root / manifest["index"]["file"]))
         popularity = np.load(root / manifest["popularity"]["file"], allow_pickle=False).astype(np.float32)
         reranker = _load_reranker(root, manifest)

@@ -51,7 +51,7 @@ class SearchEngine:
             lex_rows = self.lexical.top(bm25[i], ns[i], masks[i])
             rows = np.union1d(dense_rows[i], lex_rows)
             candidates.append(rows)
-            dense_scores.append(vectors[rows] @ qvecs[i])
+            dense_scores.append(vectors[rows].astype(np.float32) @ qvecs[i])
             lex_scores.append(bm25[i][rows])
         t2 = time.perf_counter()
         hits = self.ranker.rank(tokens, candidates, dense_scores, lex_scores,
@@ -81,7 +81,7 @@ class SearchEngine:
         mask = self._mask(filters)
         mask = np.ones(len(self.bundle.items), dtype=bool) if mask is None else mask.copy()
         mask[source] = False
-        q = self.bundle.vectors[source]
+        q = self.bundle.vectors[source].astype(np.float32)
         rows = self.dense.search_filtered(q, max(self.config.candidates, k), mask)
         co, co_weight = None, 0.0
         if rec is not None:
@@ -90,7 +90,8 @@ class SearchEngine:
             rows = np.union1d(rows, extra)
             co, co_weight = rec.similar_boost(source, rows), float(rec.spec.get("similar_co_weight", SIMILAR_CO_WEIGHT))
         rows = np.sort(rows)
-        return self.ranker.rank_similar(source, rows, self.bundle.vectors[rows] @ q, k, explain, co, co_weight)
+        dense = self.bundle.vectors[rows].astype(np.float32) @ q
+        return self.ranker.rank_similar(source, rows, dense, k, explain, co, co_weight)
 
     def warmup(self) -> None:
         """Compile the kernels and warm the encoder before the bundle takes traffic."""

@@ -124,7 +124,7 @@ def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[s
         # Ids are unique per row in the frame; a changed item's id points at its new row.
         table = build_item_table(frame, lexical.vocab)
         bundle.index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # in place: compute thread only
-        all_vectors = np.concatenate([bundle.vectors, vectors.astype(np.float32)])
+        all_vectors = np.concatenate([bundle.vectors, vectors.astype(bundle.vectors.dtype)])
         popularity = np.concatenate([bundle.popularity, np.zeros(len(upserts), np.float32)])
         alive = np.concatenate([alive, np.ones(len(upserts), bool)])
         rec = bundle.rec

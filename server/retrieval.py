@@ -53,7 +53,7 @@ def _exact_top(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray, n: int) -> 
     """Best n of rows by inner product with q, best first, ties by row."""
     if len(rows) == 0:
         return rows.astype(np.int64)
-    scores = vectors[rows] @ q
+    scores = vectors[rows].astype(np.float32) @ np.asarray(q, np.float32)
     if n < len(rows):
         keep = np.argpartition(-scores, n - 1)[:n]
         rows, scores = rows[keep], scores[keep]
@@ -116,7 +116,7 @@ class DenseRetriever:
         params = faiss.SearchParameters(sel=selector)
         if self.cpu_index.__class__.__name__.startswith("IndexHNSW"):
             params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.cpu_index.hnsw.efSearch, want))
-        labels = self._search(self.cpu_index, q[None, :], want, params)[0]
+        labels = self._search(self.cpu_index, np.ascontiguousarray(q[None, :], dtype=np.float32), want, params)[0]
         labels = labels[labels >= 0]
         if len(labels) < want:  # an ANN index can come back short under a filter: answer exactly
             return _exact_top(self.vectors, rows, q, want)
