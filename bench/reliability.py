@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=None, help="default: bundles/sample (built when missing)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the overload phases")
     args = p.parse_args()
     bundle = (args.bundle or sample_bundle()).resolve()
     q = args.quick
@@ -194,6 +195,43 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=1))
+    if args.plot:
+        plot_overload(over, args.plot)
+        print(f"plot: {args.plot}")
+
+
+def plot_overload(over: dict, out: Path) -> None:
+    """Answers per second by status, and client-seen latency, before / during / after the flood."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [("before", over["before"]), (f"flood ({over['offered_over_sustainable']:.0f}x)", over["flood"]),
+              ("after", over["after"])]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    x = range(len(phases))
+    bottom = [0.0] * len(phases)
+    for code, colour in (("OK", "tab:green"), ("DEADLINE_EXCEEDED", "tab:orange"), ("RESOURCE_EXHAUSTED", "tab:red")):
+        rates = [p["codes"].get(code, 0) / (p["sent"] / p["sent_per_s"]) if p["sent"] else 0 for _, p in phases]
+        a.bar(x, rates, bottom=bottom, color=colour, label=code)
+        bottom = [u + v for u, v in zip(bottom, rates)]
+    a.set_xticks(list(x), [n for n, _ in phases])
+    a.set_ylabel("answers per second")
+    a.set_yscale("symlog", linthresh=100)
+    a.set_title("Search answers by status (Sample bundle, 2-core CPU)")
+    a.legend(fontsize=8)
+    for key, style, label in (("ok_p50_ms", "o-", "OK p50"), ("ok_p99_ms", "s-", "OK p99"),
+                              ("rejected_p50_ms", "^--", "rejected p50")):
+        b.plot(list(x), [p[key] for _, p in phases], style, label=label)
+    b.axhline(over["deadline_ms"], color="grey", linestyle=":", label="deadline")
+    b.set_xticks(list(x), [n for n, _ in phases])
+    b.set_ylabel("client-seen latency, ms")
+    b.set_title("Latency (load generator on the same 2 cores)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,15 @@ def overload(target: str, pid: int, *, base_s: float = 3.0, flood_s: float = 6.0
             rss.append(proc.memory_info().rss)
             time.sleep(0.05)
 
+    def server_counts() -> dict:
+        with grpc.insecure_channel(target) as ch:
+            b = pb_grpc.SearchRecommendStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10).batcher
+        return {"computed": b.requests_done, "rejected_by_batcher": b.requests_rejected,
+                "expired_before_compute": b.requests_expired, "cancelled_by_caller": b.requests_cancelled}
+
     before = _summary(asyncio.run(_closed_loop(target, base_s, base_concurrency, deadline_s)), base_s)
     rss_before = proc.memory_info().rss
+    counts_before = server_counts()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
@@ -100,8 +107,12 @@ def overload(target: str, pid: int, *, base_s: float = 3.0, flood_s: float = 6.0
     finally:
         sampling.set()
         sampler.join()
+    counts_after = server_counts()
     after = _summary(asyncio.run(_closed_loop(target, base_s, base_concurrency, deadline_s)), base_s)
     return {
+        # What the server itself saw during the flood (search batcher); refusals by the concurrency
+        # limit happen in gRPC's C core and are not counted here.
+        "flood_server": {k: counts_after[k] - counts_before[k] for k in counts_after},
         "deadline_ms": 1000 * deadline_s, "flood_concurrency": flood_concurrency,
         "before": before, "flood": flood, "after": after,
         "offered_over_sustainable": flood["sent_per_s"] / max(before["ok_per_s"], 1e-9),
