@@ -190,6 +190,11 @@ def main() -> None:
                    f"missed the deadline; rejected {flood['codes'].get('RESOURCE_EXHAUSTED', 0)} (p50 "
                    f"{flood['rejected_p50_ms']:.0f} ms); peak RSS {over['rss_peak_mb']:.0f} MB "
                    f"(before {over['rss_before_mb']:.0f}); after: {over['recovered_over_before']:.2f}x the throughput"},
+        {"part": "  probe", "figure": "4 ordinary callers (own process, back off when refused) during the flood",
+         "result": f"codes {over['probe_during_flood']['codes']}; OK p50 {over['probe_during_flood']['ok_p50_ms']:.0f} ms, "
+                   f"p99 {over['probe_during_flood']['ok_p99_ms']:.0f} ms"},
+        {"part": "  server", "figure": "the server's own counts during the flood (search batcher)",
+         "result": json.dumps(over["flood_server"])},
     ], ["part", "figure", "result"]))
     print("\nhostile inputs by kind:", json.dumps(hostile_report["by_kind"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)

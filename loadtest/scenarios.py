@@ -79,9 +79,45 @@ def _summary(calls: list[tuple[str, float]], seconds: float) -> dict:
             "rejected_p50_ms": 1000 * _pct(rejected, 0.5), "rejected_p99_ms": 1000 * _pct(rejected, 0.99)}
 
 
+def _probe(target: str, seconds: float, concurrency: int, deadline_s: float) -> dict:
+    """A well-behaved client in its own process: `concurrency` threads, one Search after another."""
+    calls: list[tuple[str, float]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def caller(i: int) -> None:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.SearchRecommendStub(ch)
+            n = i
+            while time.monotonic() < stop_at:
+                n += 1
+                t0 = time.perf_counter()
+                try:
+                    stub.Search(pb.SearchRequest(query=QUERIES[n % len(QUERIES)], k=10), timeout=deadline_s)
+                    code = "OK"
+                except grpc.RpcError as err:
+                    code = err.code().name
+                    time.sleep(0.05)  # a well-behaved client backs off when refused
+                with lock:
+                    calls.append((code, time.perf_counter() - t0))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary(calls, seconds)
+
+
 def overload(target: str, pid: int, *, base_s: float = 3.0, flood_s: float = 6.0, base_concurrency: int = 8,
-             flood_concurrency: int = 400, deadline_s: float = 1.0) -> dict:
-    """Baseline, flood, baseline again (see module docstring). pid: the server process, for its memory."""
+             flood_concurrency: int = 400, deadline_s: float = 1.0, probe_concurrency: int = 4) -> dict:
+    """Baseline, flood, baseline again (see module docstring). pid: the server process, for its memory.
+
+    During the flood a separate probe process (a few well-behaved callers that back off when refused)
+    measures what an ordinary client sees: the flood generator itself saturates its own event loop, so
+    the latencies it records include its own lag."""
+    import subprocess
+    import sys
     proc = psutil.Process(pid)
     rss = [proc.memory_info().rss]
     sampling = threading.Event()
@@ -102,11 +138,19 @@ def overload(target: str, pid: int, *, base_s: float = 3.0, flood_s: float = 6.0
     counts_before = server_counts()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")])))
+    probe = subprocess.Popen([sys.executable, "-m", "loadtest.scenarios", "probe", target, str(max(flood_s - 2.0, 1.0)),
+                              str(probe_concurrency), str(deadline_s)], cwd=root, env=env, stdout=subprocess.PIPE,
+                             text=True)  # ~1-2 s to import, so it runs inside the flood
     try:
         flood = _summary(asyncio.run(_closed_loop(target, flood_s, flood_concurrency, deadline_s)), flood_s)
+        probed = json.loads(probe.communicate(timeout=60)[0])
     finally:
         sampling.set()
         sampler.join()
+        if probe.poll() is None:
+            probe.kill()
     counts_after = server_counts()
     after = _summary(asyncio.run(_closed_loop(target, base_s, base_concurrency, deadline_s)), base_s)
     return {
@@ -114,7 +158,7 @@ def overload(target: str, pid: int, *, base_s: float = 3.0, flood_s: float = 6.0
         # limit happen in gRPC's C core and are not counted here.
         "flood_server": {k: counts_after[k] - counts_before[k] for k in counts_after},
         "deadline_ms": 1000 * deadline_s, "flood_concurrency": flood_concurrency,
-        "before": before, "flood": flood, "after": after,
+        "before": before, "flood": flood, "probe_during_flood": probed, "after": after,
         "offered_over_sustainable": flood["sent_per_s"] / max(before["ok_per_s"], 1e-9),
         "recovered_over_before": after["ok_per_s"] / max(before["ok_per_s"], 1e-9),
         "rss_before_mb": rss_before / 2 ** 20, "rss_peak_mb": max(rss) / 2 ** 20,
@@ -294,3 +338,11 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+if __name__ == "__main__":  # `python -m loadtest.scenarios probe TARGET SECONDS CONCURRENCY DEADLINE_S`
+    import sys
+
+    if len(sys.argv) != 6 or sys.argv[1] != "probe":
+        raise SystemExit("usage: python -m loadtest.scenarios probe TARGET SECONDS CONCURRENCY DEADLINE_S")
+    print(json.dumps(_probe(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))))

@@ -21,8 +21,6 @@ from typing import Callable, Generic, TypeVar
 
 from server.errors import DeadlineExpired, Overloaded, Unavailable
 
-import os as _os
-ADMIT_MARGIN = float(_os.environ.get("ADM", "2.0"))  # admit a call only if its predicted wait is at most 1/ADMIT_MARGIN of its remaining deadline
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
@@ -93,6 +91,7 @@ class DynamicBatcher(Generic[T, R]):
         stats: BatcherStats | None = None,
         name: str = "batcher",
         lag: "LoopLag | None" = None,
+        admit_fraction: float = 1.0,
     ) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
@@ -110,6 +109,9 @@ class DynamicBatcher(Generic[T, R]):
         self.stats = stats if stats is not None else BatcherStats()
         self.name = name
         self.lag = lag
+        # A queued call is admitted only if its predicted wait fits in this fraction of its remaining
+        # deadline: the rest is headroom for estimate error and for the answer's way back to the caller.
+        self.admit_fraction = admit_fraction
         self._queue: collections.deque[_Entry] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -146,7 +148,7 @@ class DynamicBatcher(Generic[T, R]):
             # itself the bottleneck, so its measured lag counts (twice: the request in, the answer out).
             ahead = len(self._queue) // self.max_batch_size + 1 + int(self._running)
             wait_s = ahead * self._batch_s + 2 * (self.lag.seconds if self.lag is not None else 0.0)
-            if now + wait_s > deadline:
+            if wait_s > self.admit_fraction * (deadline - now):
                 self.stats.rejected += 1
                 raise Overloaded(f"server overloaded: {len(self._queue)} requests are queued ahead (about "
                                  f"{1000 * wait_s:.0f} ms of work) and this call's deadline is in "

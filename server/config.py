@@ -44,6 +44,7 @@ class ServerConfig:
     # Calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED cheaply, in its C core, before any
     # Python runs. 64 (= max_queue, two full batches) measured best under a 10x flood here (docs/reliability.json).
     max_concurrent_rpcs: int = 64
+    admit_fraction: float = 1.0  # a queued call needs its predicted wait <= this share of its remaining deadline
     max_live_users: int = 1_000_000  # users with live state in memory (least recently active evicted first)
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key: serve TLS instead of plaintext
     tls_key: Path | None = None
@@ -71,6 +72,8 @@ class ServerConfig:
             problems.append("max_write_batch must be >= 1")
         if self.max_concurrent_rpcs < 1:
             problems.append("max_concurrent_rpcs must be >= 1")
+        if not 0 < self.admit_fraction <= 1:
+            problems.append("admit_fraction must be in (0, 1]")
         if self.max_live_users < 1:
             problems.append("max_live_users must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = a free port; default off)")
     p.add_argument("--max-write-batch", type=int, default=int(_env("max_write_batch", d.max_write_batch)))
     p.add_argument("--max-concurrent-rpcs", type=int, default=int(_env("max_concurrent_rpcs", d.max_concurrent_rpcs)))
+    p.add_argument("--admit-fraction", type=float, default=float(_env("admit_fraction", d.admit_fraction)),
+                   help="admit a queued call only if its predicted wait fits in this share of its remaining deadline")
     p.add_argument("--max-live-users", type=int, default=int(_env("max_live_users", d.max_live_users)))
     p.add_argument("--max-message-bytes", type=int, default=int(_env("max_message_bytes", d.max_message_bytes)))
     p.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None), help="PEM certificate chain (TLS)")
