@@ -64,19 +64,17 @@ def test_a_request_past_its_deadline_is_never_computed(slow_batch_server, pb):
 
 def test_a_cancelled_call_frees_its_slot_at_once(slow_batch_server, pb):
     holder = slow_batch_server.server.holder
-    computed, cancelled = holder.stats.items_computed, holder.stats.cancelled
+    computed, cancelled, batches = holder.stats.items_computed, holder.stats.cancelled, holder.stats.batches_run
     ch, stub = _search_stub(slow_batch_server.target)
     with ch:
         fut = stub.Search.future(pb.SearchRequest(query="drill"), timeout=30)
         scenarios.wait_until(lambda: holder.current.batcher.queue_depth == 1, 5, "the call to be queued")
-        queued_at = time.monotonic()
         fut.cancel()
-        scenarios.wait_until(lambda: holder.current.batcher.queue_depth == 0, 2.5, "the slot to be freed")
-        freed_after = time.monotonic() - queued_at
-        time.sleep(3.2)
-    # Freed well before the 3 s batch would have closed, and never computed.
-    assert freed_after < 2.5
-    assert holder.stats.cancelled == cancelled + 1 and holder.stats.items_computed == computed
+        scenarios.wait_until(lambda: holder.current.batcher.queue_depth == 0, 10, "the slot to be freed")
+        # The slot is free while no batch has run: the cancellation freed it, not a computation.
+        assert holder.stats.batches_run == batches and holder.stats.cancelled == cancelled + 1
+        time.sleep(3.2)  # past the batch delay
+    assert holder.stats.items_computed == computed  # and it was never computed
 
 
 def test_hot_swaps_under_load_fail_nothing_and_never_mix_bundles(sample_bundle, tmp_path):
