@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from benchutil import bench_bundle
-from serving_load import queries
+from serving_load import queries, search_engine
 
 
 def main() -> None:
@@ -26,17 +26,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    from common.encoding import TextEncoder, resolve_dtype
-    from server.bundle import load_bundle
-    from server.config import ServerConfig
-    from server.engine import SearchEngine
     from server.types import SearchQuery
 
     bundle_dir = args.bundle or bench_bundle()
-    bundle = load_bundle(bundle_dir)
-    enc = TextEncoder(bundle.encoder_dir, device="cpu", dtype=resolve_dtype("cpu", "auto"))
-    engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
-    engine.warmup()
+    engine = search_engine(bundle_dir)
+    bundle = engine.bundle
     qs = queries(bundle_dir, args.batches * args.batch_size)
     bs = args.batch_size
     batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs + 1, bs)]

@@ -16,42 +16,21 @@ import json
 import pstats
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchutil import ROOT, bench_bundle
-from serving_load import queries
+from serving_load import closed_loop, queries
 
 
 def load(target: str, bundle: Path, clients: int, seconds: float) -> dict:
-    """Closed-loop Search clients (run in a separate process by main)."""
+    """Closed-loop Search clients, the serving benchmark's (run in a separate process by main)."""
     import grpc
 
     from server.stubs import pb, pb_grpc
 
-    qs = queries(bundle, 2000)
-    lat: list[float] = []
-    stop = time.monotonic() + seconds
-
-    def worker(i: int) -> None:
-        with grpc.insecure_channel(target) as ch:
-            stub, j = pb_grpc.SearchRecommendStub(ch), i
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
-                stub.Search(pb.SearchRequest(query=qs[j % len(qs)], k=10), timeout=10)
-                lat.append(time.perf_counter() - t0)
-                j += clients
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"clients": clients, "qps": len(lat) / seconds, "p50_ms": float(np.percentile(lat, 50) * 1000),
-            "p99_ms": float(np.percentile(lat, 99) * 1000)}
+    with grpc.insecure_channel(target) as ch:
+        return closed_loop(pb_grpc.SearchRecommendStub(ch), pb, queries(bundle, 2000), clients, seconds)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def main() -> None:
     q = args.quick
     started = time.perf_counter()
     details: dict = {"bundle": str(bundle), "machine": f"{platform.node()} {platform.machine()}, "
-                     f"{__import__('os').cpu_count()} cores", "quick": q}
+                     f"{os.cpu_count()} cores", "quick": q}
 
     with tempfile.TemporaryDirectory(prefix="reliability-") as tmp:
         work = Path(tmp)

@@ -33,18 +33,25 @@ def queries(bundle_dir: Path, n: int = 2000) -> list[str]:
     return [" ".join(t.split()[:3]) for t in titles][:n]
 
 
-def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0,
-               device: str = "cpu") -> dict:
+def search_engine(bundle_dir: Path, device: str = "cpu"):
+    """The server's SearchEngine over a bundle, warmed, without gRPC."""
     from common.encoding import TextEncoder, resolve_dtype
     from server.bundle import load_bundle
     from server.config import ServerConfig
     from server.engine import SearchEngine
-    from server.types import SearchQuery
 
     bundle = load_bundle(bundle_dir)
     enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, "auto"))
     engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
     engine.warmup()
+    return engine
+
+
+def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0,
+               device: str = "cpu") -> dict:
+    from server.types import SearchQuery
+
+    engine = search_engine(bundle_dir, device)
     rows = []
     for bs in sizes:
         batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs, bs)]

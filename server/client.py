@@ -60,11 +60,9 @@ def open_channel(target: str, token: str | None = None, ca: str | None = None, c
                  key: str | None = None) -> grpc.Channel:
     """A channel to target: TLS when ca is given (a client certificate with cert+key), a token when given."""
     if ca:
-        def read(path: str | None) -> bytes | None:
-            return Path(path).read_bytes() if path else None
-
-        creds = grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
-                                             certificate_chain=read(cert))
+        key_pem, cert_pem = (Path(p).read_bytes() if p else None for p in (key, cert))
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes(), private_key=key_pem,
+                                             certificate_chain=cert_pem)
         channel = grpc.secure_channel(target, creds)
     else:
         channel = grpc.insecure_channel(target)

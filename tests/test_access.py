@@ -20,11 +20,10 @@ def certs(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 
-def _tls_channel(port: int, certs, cert: Path | None = None, key: Path | None = None) -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes(),
-                                         private_key=key.read_bytes() if key else None,
-                                         certificate_chain=cert.read_bytes() if cert else None)
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+def _tls_channel(srv, certs, cert: Path | None = None, key: Path | None = None) -> grpc.Channel:
+    from server.client import open_channel
+
+    return open_channel(srv.target, ca=str(certs.ca), cert=cert and str(cert), key=key and str(key))
 
 
 def _search(ch: grpc.Channel, pb, metadata=None, timeout: float = 30):
@@ -37,12 +36,10 @@ def _search(ch: grpc.Channel, pb, metadata=None, timeout: float = 30):
 def test_tls_serves_tls_clients_and_refuses_plaintext(sample_bundle, certs, pb):
     srv = ServerThread(make_config(sample_bundle, tls_cert=certs.server_cert, tls_key=certs.server_key)).start()
     try:
-        with _tls_channel(srv.port, certs) as ch:
+        with _tls_channel(srv, certs) as ch:
             assert len(_search(ch, pb).items) == 2
         with grpc.insecure_channel(srv.target) as ch:
-            with pytest.raises(grpc.RpcError) as info:
-                _search(ch, pb, timeout=5)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert rpc_error(_search, ch, pb, timeout=5).code() == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
 
@@ -51,7 +48,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(sample_bun
     srv = ServerThread(make_config(sample_bundle, tls_cert=certs.server_cert, tls_key=certs.server_key,
                                    tls_client_ca=certs.ca)).start()
     try:
-        with _tls_channel(srv.port, certs, certs.client_cert, certs.client_key) as ch:
+        with _tls_channel(srv, certs, certs.client_cert, certs.client_key) as ch:
             assert len(_search(ch, pb).items) == 2
         from server.client import main as client
 
@@ -60,10 +57,8 @@ def test_mutual_tls_requires_a_client_certificate_from_the_trusted_ca(sample_bun
                              "search", "drill", "--k", "2"]) == 0
         assert client(tls + ["--timeout", "5", "search", "drill"]) == 1  # no client certificate
         for cert, key in ((None, None), (certs.stranger_cert, certs.stranger_key)):
-            with _tls_channel(srv.port, certs, cert, key) as ch:
-                with pytest.raises(grpc.RpcError) as info:
-                    _search(ch, pb, timeout=5)
-                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            with _tls_channel(srv, certs, cert, key) as ch:
+                assert rpc_error(_search, ch, pb, timeout=5).code() == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()
 
