@@ -18,7 +18,9 @@ import numpy as np
 from benchutil import ROOT, bench_bundle, median_s, table
 
 
-def queries(bundle_dir: Path, n: int = 2000) -> list[str]:
+def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]:
+    """Real queries for a bundle: the Home Depot queries of one split (default: the dev queries the
+    encoder never trained on) when the bundle is a Home Depot one, else short title prefixes."""
     import os
 
     hd = Path(os.environ.get("SEARCHREC_DATA_DIR", ROOT.parent / "shared" / "data")) / "homedepot" / "judgments.csv"
@@ -26,10 +28,12 @@ def queries(bundle_dir: Path, n: int = 2000) -> list[str]:
         from training.data import query_split
 
         qs = sorted({r["query"] for r in csv.DictReader(open(hd, encoding="utf-8"))})
-        return [q for q in qs if query_split(q) == "rerank"][:n]
+        return [q for q in qs if query_split(q) == split][:n]
     import pandas as pd
 
     titles = pd.read_parquet(bundle_dir / "items.parquet")["title"].astype(str).tolist()
+    if split != "rerank":  # a different, disjoint set of title prefixes for each purpose
+        titles = titles[::-1]
     return [" ".join(t.split()[:3]) for t in titles][:n]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from common import bundle_format as bf
+from common.spelling import Speller
 from common.text import number_tokens, term_ids, tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
 from kernels.recfeatures import REC_FEATURE_NAMES
@@ -63,6 +64,7 @@ class LexicalIndex:
     title_indptr: np.ndarray
     title_tokens: np.ndarray
     token_is_number: np.ndarray  # bool per vocabulary id
+    speller: Speller | None = None  # query spelling correction, when the bundle was trained with it
 
     def token_ids(self, text: str) -> np.ndarray:
         """Distinct token ids of text, sorted; -1 stands for any word outside the vocabulary."""
@@ -121,6 +123,7 @@ class Bundle:
     encoder: dict[str, Any]
     rec: RecParts | None = None  # the recommender, when the bundle was built with behaviour data
     alive: np.ndarray | None = None  # bool per row; None = every row is alive (no live deletions)
+    scan_index: faiss.Index | None = None  # fp16 copy of an exact index, for small batches (see retrieval)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -292,9 +295,11 @@ def load_bundle(path: str | Path) -> Bundle:
         lex = np.load(root / manifest["lexical"]["file"], allow_pickle=False)
         words = json.loads((root / manifest["lexical"]["vocab"]).read_text(encoding="utf-8"))
         vocab = {w: i for i, w in enumerate(words)}
-        lexical = LexicalIndex(vocab, lex["bm25_indptr"], lex["bm25_indices"], lex["bm25_data"],
-                               lex["title_indptr"], lex["title_tokens"], number_tokens(words))
         items = _load_items(root, manifest, vocab)
+        # The reranker learned on corrected queries; serving them uncorrected would skew its features.
+        speller = Speller(items.titles, words) if manifest["lexical"].get("spelling") == "titles" else None
+        lexical = LexicalIndex(vocab, lex["bm25_indptr"], lex["bm25_indices"], lex["bm25_data"],
+                               lex["title_indptr"], lex["title_tokens"], number_tokens(words), speller)
         # Kept in fp16, as stored: the FAISS index holds its own fp32 copy for search, and these are only
         # read a few hundred rows at a time (re-scoring, filtered search), upcast there.
         vectors = np.load(root / manifest["items"]["vectors"], allow_pickle=False).astype(np.float16, copy=False)
@@ -316,6 +321,10 @@ def load_bundle(path: str | Path) -> Bundle:
     _require(np.isfinite(vectors).all(), f"{root}: item vectors contain NaN or infinity")
     encoder_dir = root / manifest["encoder"]["path"]
     _require((encoder_dir / "config.json").is_file(), f"{root}: encoder folder has no config.json")
+    scan_index = None
+    if isinstance(index, faiss.IndexFlat) and index.metric_type == faiss.METRIC_INNER_PRODUCT:
+        scan_index = faiss.IndexScalarQuantizer(dims, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        scan_index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # fp16 values: encoded exactly
     return Bundle(
         path=root.resolve(),
         manifest=manifest,
@@ -329,5 +338,6 @@ def load_bundle(path: str | Path) -> Bundle:
         popularity=popularity,
         encoder_dir=encoder_dir,
         encoder=dict(manifest["encoder"]),
+        scan_index=scan_index,
         rec=rec,
     )

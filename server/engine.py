@@ -38,13 +38,16 @@ class SearchEngine:
     def search_batch(self, queries: list[SearchQuery]) -> list[SearchOutcome]:
         """Answer a batch of validated queries (the batcher's batch function)."""
         t0 = time.perf_counter()
-        qvecs = self.encoder.encode([q.text for q in queries], batch_size=max(len(queries), 1))
+        speller = self.bundle.lexical.speller
+        fixed = [speller.correct(q.text) if speller is not None else None for q in queries]
+        texts = [f or q.text for f, q in zip(fixed, queries)]
+        qvecs = self.encoder.encode(texts, batch_size=max(len(queries), 1))
         t1 = time.perf_counter()
         vectors = self.bundle.vectors
         masks = [self._mask(q.filters) for q in queries]
         ns = [max(self.config.candidates, q.k) for q in queries]
         dense_rows = self.dense.search(qvecs, ns, masks)
-        tokens = [self.bundle.lexical.token_ids(q.text) for q in queries]
+        tokens = [self.bundle.lexical.token_ids(t) for t in texts]
         bm25 = self.lexical.score(tokens)
         candidates, dense_scores, lex_scores = [], [], []
         for i in range(len(queries)):
@@ -57,7 +60,8 @@ class SearchEngine:
         hits = self.ranker.rank(tokens, candidates, dense_scores, lex_scores,
                                 [q.k for q in queries], [q.explain for q in queries])
         t3 = time.perf_counter()
-        return [SearchOutcome(h, encode_s=t1 - t0, retrieve_s=t2 - t1, rank_s=t3 - t2) for h in hits]
+        return [SearchOutcome(h, encode_s=t1 - t0, retrieve_s=t2 - t1, rank_s=t3 - t2, corrected_query=f or "")
+                for h, f in zip(hits, fixed)]
 
     def _mask(self, filters: Filters) -> np.ndarray | None:
         """The filter's rows, less live deletions (None = everything)."""

@@ -93,7 +93,8 @@ def _append_lexical(lex: LexicalIndex, texts: list[str], titles: list[str], firs
     for w, i in vocab.items():
         words[i] = w
     return LexicalIndex(vocab, indptr.astype(np.int64), indices.astype(np.int32), data.astype(np.float32),
-                        t_indptr.astype(np.int64), t_tokens.astype(np.int32), number_tokens(words))
+                        t_indptr.astype(np.int64), t_tokens.astype(np.int32), number_tokens(words),
+                        None if lex.speller is None else lex.speller.with_titles(titles, words))
 
 
 def _frame(items: ItemTable) -> pd.DataFrame:
@@ -124,6 +125,8 @@ def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[s
         # Ids are unique per row in the frame; a changed item's id points at its new row.
         table = build_item_table(frame, lexical.vocab)
         bundle.index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # in place: compute thread only
+        if bundle.scan_index is not None:
+            bundle.scan_index.add(np.ascontiguousarray(vectors.astype(np.float16), dtype=np.float32))
         all_vectors = np.concatenate([bundle.vectors, vectors.astype(bundle.vectors.dtype)])
         popularity = np.concatenate([bundle.popularity, np.zeros(len(upserts), np.float32)])
         alive = np.concatenate([alive, np.ones(len(upserts), bool)])

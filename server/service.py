@@ -203,6 +203,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             timings=pb.Timings(queue_ms=1000 * result.queue_s, encode_ms=1000 * out.encode_s,
                                retrieve_ms=1000 * out.retrieve_s, rank_ms=1000 * out.rank_s,
                                total_ms=1000 * (time.perf_counter() - started), batch_size=result.batch_size),
+            corrected_query=out.corrected_query,
         )
 
     @_rpc

@@ -58,3 +58,4 @@ class SearchOutcome:
     retrieve_s: float = 0.0
     rank_s: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
+    corrected_query: str = ""  # set when spelling correction changed the query

@@ -32,6 +32,8 @@ def test_sample_bundle_loads(sample_bundle):
     assert len(b.items) == 324 and b.vectors.shape == (324, 384)
     np.testing.assert_allclose(np.linalg.norm(b.vectors, axis=1), 1.0, atol=1e-2)
     assert b.index.ntotal == 324 and b.index_type == "flat_ip"
+    assert b.scan_index is not None and b.scan_index.ntotal == 324  # the fp16 copy small batches scan
+    assert b.lexical.speller is not None and b.lexical.speller.correct("cordles") == "cordless"
 
 
 def test_missing_directory(tmp_path):

@@ -9,26 +9,39 @@ import pytest
 
 from common.encoding import DeviceError, resolve_device, resolve_dtype
 from common.text import has_control_chars, tokenize
-from server.retrieval import DenseRetriever, _exact_top
+from server.retrieval import SCAN_BATCH_MAX, DenseRetriever, _exact_top
 
 
-def fake_bundle(n=2000, d=16, hnsw=False, seed=0):
+def fake_bundle(n=2000, d=16, hnsw=False, seed=0, scan=False, ivf=False):
     rng = np.random.default_rng(seed)
     vecs = rng.normal(size=(n, d)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    if hnsw:
+    vecs = vecs.astype(np.float16).astype(np.float32)  # as bundles store them
+    if ivf:  # what the builder makes above its exact-search limit, read back as the server reads it
+        from training.bundle_writer import build_index
+
+        built, params = build_index(vecs, flat_max_items=n - 1)
+        faiss.write_index(built, str(ivf / "dense.faiss"))
+        index, itype, manifest = faiss.read_index(str(ivf / "dense.faiss")), params["type"], {"index": params}
+    elif hnsw:
         index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
         itype, manifest = "hnsw_ip", {"index": {"efSearch": 64}}
+        index.add(vecs)
     else:
         index = faiss.IndexFlatIP(d)
         itype, manifest = "flat_ip", {"index": {}}
-    index.add(vecs)
-    return SimpleNamespace(vectors=vecs, index=index, index_type=itype, manifest=manifest)
+        index.add(vecs)
+    scan_index = None
+    if scan:
+        scan_index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        scan_index.add(vecs)
+    return SimpleNamespace(vectors=vecs, index=index, index_type=itype, manifest=manifest, scan_index=scan_index)
 
 
-@pytest.mark.parametrize("hnsw", [False, True])
-def test_selector_search_agrees_with_exact_subset(hnsw):
-    b = fake_bundle(hnsw=hnsw)
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_selector_search_agrees_with_exact_subset(kind, tmp_path):
+    b = fake_bundle(hnsw=kind == "hnsw", ivf=tmp_path if kind == "ivf" else False)
+    hnsw = kind != "flat"
     rng = np.random.default_rng(1)
     mask = rng.random(len(b.vectors)) < 0.3
     q = b.vectors[5] + 0.1
@@ -60,6 +73,23 @@ def test_batched_unfiltered_search_matches_single_queries():
         assert batched[i][0] == i  # a vector's nearest neighbour is itself
 
 
+def test_small_batches_scan_the_fp16_copy_and_find_the_same_items(monkeypatch):
+    b = fake_bundle(scan=True)
+    r = DenseRetriever(b, "cpu", exact_filter_max=100)
+    rng = np.random.default_rng(3)
+    qs = rng.normal(size=(SCAN_BATCH_MAX + 1, 16)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    used = []
+    for name in ("index", "scan_index"):
+        real = getattr(r, name)
+        monkeypatch.setattr(r, name, SimpleNamespace(search=lambda q, n, real=real, name=name: (used.append(name), real.search(q, n))[1]))
+    big = r.search(qs, [50] * len(qs), [None] * len(qs))  # one more than the scan limit: BLAS over fp32
+    small = [r.search(qs[i : i + 1], [50], [None])[0] for i in range(len(qs))]
+    assert used == ["index"] + ["scan_index"] * len(qs)
+    for i in range(len(qs)):
+        np.testing.assert_array_equal(np.sort(big[i]), np.sort(small[i]))
+
+
 def test_tokenizer_stems_drops_stopwords_and_keeps_numbers():
     assert tokenize("The Cordless Drills for 1.5 in. pipes") == ["cordless", "drill", "1.5", "pipe"]
     assert tokenize("") == [] and tokenize("the of and") == []
@@ -79,3 +109,15 @@ def test_device_policy():
         resolve_dtype("cpu", "float16")
     with pytest.raises(DeviceError):
         resolve_device("tpu")
+
+
+def test_ivf_bundle_gets_its_measured_settings_back(tmp_path):
+    b = fake_bundle(ivf=tmp_path)
+    assert b.index_type == "ivf_pq_refine"
+    b.index.k_factor, faiss.extract_index_ivf(b.index).nprobe = 1.0, 1  # whatever the file held
+    r = DenseRetriever(b, "cpu", exact_filter_max=0)
+    assert faiss.extract_index_ivf(r.cpu_index).nprobe == b.manifest["index"]["nprobe"]
+    assert r.cpu_index.k_factor == b.manifest["index"]["k_factor"]
+    qs = b.vectors[:8]
+    rows = r.search(qs, [10] * 8, [None] * 8)
+    assert [row[0] for row in rows] == list(range(8))  # each vector finds itself first

@@ -90,7 +90,8 @@ def test_manifest_describes_the_bundle(sample_bundle):
     assert set(manifest["timings"]) >= {"encode_s", "index_s", "lexical_s"}
 
 
-def test_large_catalogs_get_hnsw_with_measured_recall():
+def test_large_catalogs_get_ivf_pq_with_measured_recall():
+    import faiss
     import numpy as np
 
     from training.bundle_writer import ann_recall, build_index
@@ -99,11 +100,18 @@ def test_large_catalogs_get_hnsw_with_measured_recall():
     vecs = rng.normal(size=(3000, 32)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     index, params = build_index(vecs, flat_max_items=1000)
-    assert params["type"] == "hnsw_ip" and params["recall@100_vs_exact"] >= 0.98
-    assert index.hnsw.efSearch == params["efSearch"]
+    assert params["type"] == "ivf_pq_refine" and params["recall@100_vs_exact"] >= 0.98
+    assert params["recall_measured_on"].endswith("perturbed item vectors (no real queries given)")
+    assert faiss.extract_index_ivf(index).nprobe == params["nprobe"] and index.k_factor == params["k_factor"]
+    # The pick is the fastest pair of the grid that reached the target.
+    good = [t for t in params["tried"] if t["recall"] >= 0.98]
+    best = min(good, key=lambda t: t["ms_per_query"])
+    assert (best["nprobe"], best["k_factor"]) == (params["nprobe"], params["k_factor"])
     # The recorded recall is what the index really does on fresh queries.
     q = vecs[rng.choice(3000, 100)] + rng.normal(0, 0.05, (100, 32)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     assert ann_recall(index, vecs, q) >= 0.95
     small, p_small = build_index(vecs[:500], flat_max_items=1000)
     assert p_small["type"] == "flat_ip" and small.ntotal == 500
+    _, p_real = build_index(vecs, flat_max_items=1000, queries=q)
+    assert p_real["recall_measured_on"] == "100 real query vectors"

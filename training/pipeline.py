@@ -187,14 +187,16 @@ class Pipeline:
 
     # --- stage bundle, reranker, final bundle -------------------------------------------------
     def stage(self) -> dict:
-        items, _ = self.load_prepared()
+        items, judgments = self.load_prepared()
         stage = self.cfg.work / "stage"
         if stage.exists():
             shutil.rmtree(stage)
+        # A large catalog's ANN index is tuned on real (training-split) queries, never on test queries.
+        train_queries = sorted(set(judgments.loc[judgments.split == "train", "query"]))
         opts = BuildOptions(encoder_dir=self.cfg.work / f"encoder_{self.cfg.finetune.method}",
                             encoder_name=f"all-MiniLM-L6-v2 fine-tuned ({self.cfg.finetune.method})",
                             name=self.cfg.name, device=self.cfg.device, dtype=self.cfg.dtype, batch_size=64,
-                            data_fingerprints=self.fingerprints())
+                            data_fingerprints=self.fingerprints(), tuning_queries=train_queries)
         manifest = write_bundle(items, stage, opts)
         return {"timings": manifest["timings"], "index": manifest["index"]}
 

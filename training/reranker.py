@@ -21,6 +21,7 @@ import pandas as pd
 
 from common import bundle_format as bf
 from common.encoding import TextEncoder
+from common.spelling import Speller
 from common.text import number_tokens, term_ids
 from kernels import FEATURE_NAMES
 from kernels import features as K
@@ -62,11 +63,16 @@ class StageSearcher:
         self._no_ids = np.full(n, -1, dtype=np.int32)
         self._empty_csr = (np.zeros(1, np.int64), np.zeros(0, np.int32))
         self.price = self.items["price"].astype("float64").to_numpy(dtype=np.float32, na_value=np.nan)
+        # The server corrects query spelling for bundles that say so; training must see the same queries.
+        self.speller = (Speller(self.items["title"].astype(str).tolist(), words)
+                        if manifest["lexical"].get("spelling") == "titles" else None)
 
     def gather(self, queries: list[str], batch: int = 64) -> CandidateSet:
         offsets, rows, feats = [0], [], []
         for s in range(0, len(queries), batch):
             qs = queries[s : s + batch]
+            if self.speller is not None:
+                qs = [self.speller.correct(q) or q for q in qs]
             qv = self.encoder.encode(qs, batch_size=batch)
             dense_rows = self.index.search(qv, self.candidates)[1]
             toks = [term_ids(q, self.vocab) for q in qs]
