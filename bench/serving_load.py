@@ -32,8 +32,8 @@ def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]
     import pandas as pd
 
     titles = pd.read_parquet(bundle_dir / "items.parquet")["title"].astype(str).tolist()
-    if split != "rerank":  # a different, disjoint set of title prefixes for each purpose
-        titles = titles[::-1]
+    if split != "rerank":  # a different set of title prefixes for each purpose (disjoint for n < half)
+        titles = titles[len(titles) // 2:] if split == "test" else titles[::-1]
     return [" ".join(t.split()[:3]) for t in titles][:n]
 
 

@@ -19,7 +19,7 @@ from server.types import Filters
 log = logging.getLogger(__name__)
 # Up to this many unfiltered queries an exact search scans the fp16 copy (half the bytes) query by
 # query; above it one BLAS product over the fp32 index is faster. Measured on this project's 2-core
-# CPU over the 53k Home Depot vectors (bench/scan_small_batches.py): fp16 scan 1.9-2.3x faster at
+# CPU over the 53k Home Depot vectors (bench/scan_small_batches.py): fp16 scan 1.5-3.2x faster at
 # 1-4 queries, slower from 8 on. Same top-100 at float precision.
 SCAN_BATCH_MAX = 4
 

@@ -104,7 +104,7 @@ def test_large_catalogs_get_ivf_pq_with_measured_recall():
     assert params["recall_measured_on"].endswith("perturbed item vectors (no real queries given)")
     assert faiss.extract_index_ivf(index).nprobe == params["nprobe"] and index.k_factor == params["k_factor"]
     # The pick is the fastest pair of the grid that reached the target.
-    good = [t for t in params["tried"] if t["recall"] >= 0.98]
+    good = [t for t in params["tried"] if t["recall"] >= 0.98 + params["margin"]]
     best = min(good, key=lambda t: t["ms_per_query"])
     assert (best["nprobe"], best["k_factor"]) == (params["nprobe"], params["k_factor"])
     # The recorded recall is what the index really does on fresh queries.

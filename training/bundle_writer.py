@@ -51,6 +51,9 @@ DEFAULT_WEIGHTS = {
 }
 DEFAULT_SIMILAR_WEIGHTS = {"dense": 1.0, "same_category": 0.1, "same_brand": 0.05, "popularity": 0.05}
 FLAT_MAX_ITEMS = 100_000  # exact search below this; IVF-PQ with exact re-scoring above
+# Recall measured on the tuning queries overstates recall on unseen ones: at 1M Home Depot vectors a
+# pick at 0.983 on 512 rerank-split queries gave 0.977 on 1,024 test-split queries (bench/ann_recall.py).
+ANN_MARGIN = 0.005
 
 
 def similar_spec() -> dict[str, Any]:
@@ -173,14 +176,17 @@ def _tuning_queries(vectors: np.ndarray, queries: np.ndarray | None, seed: int) 
 
 
 def build_index(vectors: np.ndarray, flat_max_items: int = FLAT_MAX_ITEMS, target_recall: float = 0.98,
-                seed: int = 0, queries: np.ndarray | None = None) -> tuple[faiss.Index, dict[str, Any]]:
+                seed: int = 0, queries: np.ndarray | None = None,
+                margin: float = ANN_MARGIN) -> tuple[faiss.Index, dict[str, Any]]:
     """Exact inner-product search up to flat_max_items; above, an IVF index over 4-bit fast-scan PQ
     codes (2 dimensions per code) whose best candidates are re-scored exactly (`IndexRefineFlat`).
 
     nprobe and the re-scoring depth (k_factor) are chosen here: every pair of a small grid is timed
-    and its recall@100 against exact search measured on `queries` (real query vectors; perturbed item
-    vectors stand in when none are given, which flatters recall: real queries sit further from the
-    items), and the fastest pair that reaches target_recall wins. The table goes into the manifest.
+    and its recall@100 against exact search measured on `queries` (real query vectors the encoder did
+    not train on; perturbed item vectors stand in when none are given, which flatters recall: real
+    queries sit further from the items), and the fastest pair that reaches target_recall + margin wins
+    (the margin covers the gap between the tuning queries and unseen ones). The table goes into the
+    manifest.
     Measured at 1M vectors on this project's 2-core CPU (bench/ann_recall.py), this beat HNSW (M 32-64)
     and IVF-Flat at every recall above 0.95."""
     n, d = vectors.shape
@@ -214,11 +220,12 @@ def build_index(vectors: np.ndarray, flat_max_items: int = FLAT_MAX_ITEMS, targe
             recall = float(np.mean([len(set(t) & set(f)) / 100 for t, f in zip(truth, found)]))
             tried.append({"nprobe": nprobe, "k_factor": k_factor, "recall": round(recall, 4),
                           "ms_per_query": round(1000 * seconds / len(q), 3)})
-    good = [t for t in tried if t["recall"] >= target_recall]
+    good = [t for t in tried if t["recall"] >= target_recall + margin]
     pick = min(good, key=lambda t: t["ms_per_query"]) if good else max(tried, key=lambda t: t["recall"])
     ivf.nprobe, refine.k_factor = pick["nprobe"], pick["k_factor"]
     return index, {"type": "ivf_pq_refine", "nlist": nlist, "pq": f"{d // 2}x4fs", "nprobe": pick["nprobe"],
-                   "k_factor": pick["k_factor"], "recall@100_vs_exact": pick["recall"], "tried": tried,
+                   "k_factor": pick["k_factor"], "recall@100_vs_exact": pick["recall"],
+                   "target_recall": target_recall, "margin": margin, "tried": tried,
                    "recall_measured_on": measured_on}
 
 

@@ -191,12 +191,13 @@ class Pipeline:
         stage = self.cfg.work / "stage"
         if stage.exists():
             shutil.rmtree(stage)
-        # A large catalog's ANN index is tuned on real (training-split) queries, never on test queries.
-        train_queries = sorted(set(judgments.loc[judgments.split == "train", "query"]))
+        # A large catalog's ANN index is tuned on real queries the encoder did not train on (the rerank
+        # split; training queries sit closer to their items and flatter recall), never on test queries.
+        tuning_queries = sorted(set(judgments.loc[judgments.split == "rerank", "query"]))
         opts = BuildOptions(encoder_dir=self.cfg.work / f"encoder_{self.cfg.finetune.method}",
                             encoder_name=f"all-MiniLM-L6-v2 fine-tuned ({self.cfg.finetune.method})",
                             name=self.cfg.name, device=self.cfg.device, dtype=self.cfg.dtype, batch_size=64,
-                            data_fingerprints=self.fingerprints(), tuning_queries=train_queries)
+                            data_fingerprints=self.fingerprints(), tuning_queries=tuning_queries)
         manifest = write_bundle(items, stage, opts)
         return {"timings": manifest["timings"], "index": manifest["index"]}
 
