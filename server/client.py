@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bundle {resp.bundle_version}: {len(resp.items)} items in {t.total_ms:.1f} ms "
                       f"(queue {t.queue_ms:.1f}, encode {t.encode_ms:.1f}, retrieve {t.retrieve_ms:.1f}, "
                       f"rank {t.rank_ms:.1f}; batch of {t.batch_size})")
+                if resp.corrected_query:
+                    print(f"searched for: {resp.corrected_query}")
                 _print_items(resp.items, args.explain)
             elif args.cmd == "similar":
                 req = pb.SimilarItemsRequest(item_id=args.item_id, filters=_filters(args), explain=args.explain)

@@ -91,9 +91,13 @@ def test_distance_matches_the_full_table_up_to_its_limit(a, b):
     assert distance(a, b, limit=2) == (ref if ref <= 2 else 3)
 
 
-def test_served_search_corrects_and_says_so(stub, pb):
+def test_served_search_corrects_and_says_so(server, stub, pb, capsys):
     plain = stub.Search(pb.SearchRequest(query="cordless drill", k=5))
     typo = stub.Search(pb.SearchRequest(query="cordles drrill", k=5))
     assert plain.corrected_query == ""
     assert typo.corrected_query == "cordless drill"
     assert [i.item_id for i in typo.items] == [i.item_id for i in plain.items]
+    from server.client import main as client
+
+    assert client(["--target", server.target, "search", "cordles drrill", "--k", "3"]) == 0
+    assert "searched for: cordless drill" in capsys.readouterr().out
