@@ -45,7 +45,7 @@ def search_engine(bundle_dir: Path, device: str = "cpu"):
     from server.engine import SearchEngine
 
     bundle = load_bundle(bundle_dir)
-    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, "auto"))
+    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, "auto"), trace=True)  # as served
     engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
     engine.warmup()
     return engine

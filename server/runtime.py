@@ -101,7 +101,8 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     bundle = load_bundle(path)
     enc = bundle.encoder
     encoder = TextEncoder(bundle.encoder_dir, device=device, dtype=dtype, max_length=int(enc.get("max_length", 128)),
-                          pooling=enc.get("pooling", "mean"), normalize=bool(enc.get("normalize", True)))
+                          pooling=enc.get("pooling", "mean"), normalize=bool(enc.get("normalize", True)),
+                          trace=config.encoder_trace)
     if encoder.dims != int(enc["dims"]):
         raise BundleError(f"{path}: encoder produces {encoder.dims}-d vectors, manifest says {enc['dims']}")
     counts = live.item_counts if live is not None else {}

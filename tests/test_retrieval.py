@@ -121,3 +121,17 @@ def test_ivf_bundle_gets_its_measured_settings_back(tmp_path):
     qs = b.vectors[:8]
     rows = r.search(qs, [10] * 8, [None] * 8)
     assert [row[0] for row in rows] == list(range(8))  # each vector finds itself first
+
+
+def test_traced_encoder_gives_the_eager_vectors_at_any_batch_shape():
+    from common.encoding import TextEncoder
+    from training.__main__ import default_encoder_dir
+
+    eager = TextEncoder(default_encoder_dir(), device="cpu", dtype="float32")
+    traced = TextEncoder(default_encoder_dir(), device="cpu", dtype="float32", trace=True)
+    assert eager.traced is None and traced.traced is not None
+    for texts in (["drill"], ["a much longer query about outdoor gas fire pits with covers and a spark screen"],
+                  ["x", "white kitchen sink faucet with sprayer", "cordless drill kit 20v"], ["" + "tile " * 200]):
+        np.testing.assert_allclose(traced.encode(texts, batch_size=4), eager.encode(texts, batch_size=4), atol=1e-5)
+    # Nothing is traced where autocast or fp16 would be in play.
+    assert TextEncoder(default_encoder_dir(), device="cpu", dtype="bfloat16", trace=True).traced is None
