@@ -39,7 +39,7 @@ def grow(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 def measure(vectors: np.ndarray, queries: np.ndarray, tuning: np.ndarray, k: int = 100) -> dict:
     import faiss
 
-    from training.bundle_writer import build_index
+    from training.bundle_writer import build_index, overlap_recall
 
     faiss.cvar.distance_compute_blas_threshold = 1
     exact = faiss.IndexFlatIP(vectors.shape[1])
@@ -52,9 +52,9 @@ def measure(vectors: np.ndarray, queries: np.ndarray, tuning: np.ndarray, k: int
     ann_s = median_s(lambda: [index.search(b, k) for b in batches], repeat=3)
     truth = np.concatenate([exact.search(b, k)[1] for b in batches])
     found = np.concatenate([index.search(b, k)[1] for b in batches])
-    recall = float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
     return {"n": len(vectors), "index": params["type"], "nprobe": params.get("nprobe"),
-            "k_factor": params.get("k_factor"), "tuned_recall": params.get("recall@100_vs_exact"), "build_s": build_s, "recall@100": recall, "exact_qps": len(queries) / exact_s,
+            "k_factor": params.get("k_factor"), "tuned_recall": params.get("recall@100_vs_exact"), "build_s": build_s,
+            "recall@100": overlap_recall(truth, found), "exact_qps": len(queries) / exact_s,
             "ann_qps": len(queries) / ann_s, "speedup": exact_s / ann_s}
 
 

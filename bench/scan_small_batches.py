@@ -23,6 +23,7 @@ def run(bundle_dir: Path, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), repeat:
 
     from common.encoding import TextEncoder
     from server.bundle import load_bundle
+    from training.bundle_writer import overlap_recall
 
     bundle = load_bundle(bundle_dir)
     if bundle.scan_index is None:
@@ -38,7 +39,7 @@ def run(bundle_dir: Path, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32), repeat:
         flat = median_s(lambda: bundle.index.search(q, 100), repeat)
         scan = median_s(lambda: bundle.scan_index.search(q, 100), repeat)
         a, b = bundle.index.search(q, 100)[1], bundle.scan_index.search(q, 100)[1]
-        overlap = float(np.mean([len(set(a[i]) & set(b[i])) / 100 for i in range(nq)]))
+        overlap = overlap_recall(a, b)
         rows.append({"queries": nq, "fp32_blas_ms": 1000 * flat, "fp16_scan_ms": 1000 * scan,
                      "speedup": flat / scan, "top100_overlap": overlap})
     return {"bundle": str(bundle_dir), "items": len(bundle.items), "rows": rows}

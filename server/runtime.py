@@ -119,19 +119,14 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
         if runtime.rec is not None:
             warm_rec(runtime.rec)
     name = bundle.version
-    runtime.batcher = DynamicBatcher(runtime._search, max_batch_size=config.max_batch_size,
-                                     max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                     executor=executor, stats=stats, name=f"search[{name}]", lag=lag,
-                                     admit_fraction=config.admit_fraction)
+    shared = dict(max_batch_size=config.max_batch_size, max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
+                  executor=executor, lag=lag, admit_fraction=config.admit_fraction)
+    runtime.batcher = DynamicBatcher(runtime._search, stats=stats, name=f"search[{name}]", **shared)
     if runtime.rec is not None:
-        runtime.rec_batcher = DynamicBatcher(runtime._recommend, max_batch_size=config.max_batch_size,
-                                             max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                             executor=executor, stats=rec_stats or BatcherStats(), name=f"recommend[{name}]",
-                                             lag=lag, admit_fraction=config.admit_fraction)
-    runtime.encode_batcher = DynamicBatcher(runtime._encode, max_batch_size=config.max_batch_size,
-                                            max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                                            executor=executor, stats=encode_stats or BatcherStats(), name=f"encode[{name}]",
-                                            lag=lag, admit_fraction=config.admit_fraction)
+        runtime.rec_batcher = DynamicBatcher(runtime._recommend, stats=rec_stats or BatcherStats(),
+                                             name=f"recommend[{name}]", **shared)
+    runtime.encode_batcher = DynamicBatcher(runtime._encode, stats=encode_stats or BatcherStats(),
+                                            name=f"encode[{name}]", **shared)
     log.info("bundle %s ready in %.2fs: %d items, index %s, recommender %s, device %s/%s", bundle.version,
              time.perf_counter() - started, len(bundle.items), bundle.index_type,
              "yes" if runtime.rec is not None else "no", device, dtype)

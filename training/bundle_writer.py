@@ -150,13 +150,16 @@ def build_lexical(items: pd.DataFrame, k1: float, b: float) -> tuple[dict[str, n
     return arrays, words
 
 
+def overlap_recall(truth: np.ndarray, found: np.ndarray) -> float:
+    """Mean share of each row of truth (exact top-k ids) that the same row of found holds."""
+    return float(np.mean([len(set(t) & set(f)) / len(t) for t, f in zip(truth, found)]))
+
+
 def ann_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> float:
     """Mean recall@k of index against exact inner-product search."""
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)
-    truth = exact.search(queries, k)[1]
-    found = index.search(queries, k)[1]
-    return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
+    return overlap_recall(exact.search(queries, k)[1], index.search(queries, k)[1])
 
 
 def _ivf_lists(n: int) -> int:
@@ -217,7 +220,7 @@ def build_index(vectors: np.ndarray, flat_max_items: int = FLAT_MAX_ITEMS, targe
             t0 = time.perf_counter()
             found = index.search(q, 100)[1]
             seconds = time.perf_counter() - t0
-            recall = float(np.mean([len(set(t) & set(f)) / 100 for t, f in zip(truth, found)]))
+            recall = overlap_recall(truth, found)
             tried.append({"nprobe": nprobe, "k_factor": k_factor, "recall": round(recall, 4),
                           "ms_per_query": round(1000 * seconds / len(q), 3)})
     good = [t for t in tried if t["recall"] >= target_recall + margin]
