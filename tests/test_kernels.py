@@ -113,13 +113,19 @@ def test_similar_features_matches_numpy(n):
         np.testing.assert_allclose(fast, slow, rtol=1e-6)
 
 
-@pytest.mark.parametrize("n", [0, 1, 13, 200])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 6, 13, 200])
 def test_linear_scores_matches_numpy(n):
     rng = np.random.default_rng(n)
     feats = rng.normal(size=(n, 7)).astype(np.float32)
     w = rng.normal(size=7).astype(np.float32)
-    np.testing.assert_allclose(K.linear_scores(feats, w, np.float32(0.25)), R.linear_scores(feats, w, 0.25),
-                               rtol=1e-5, atol=1e-5)
+    fast = K.linear_scores(feats, w, np.float32(0.25))
+    np.testing.assert_allclose(fast, R.linear_scores(feats, w, 0.25), rtol=1e-5, atol=1e-5)
+    # Each row is summed bias first, then in feature order, whatever its place in the 4-row blocks.
+    for i in range(n):
+        acc = np.float32(0.25)
+        for c in range(7):
+            acc = np.float32(acc + np.float32(feats[i, c] * w[c]))
+        assert fast[i] == acc
 
 
 @pytest.mark.parametrize("segments", [[], [0], [1], [0, 3, 1], [10, 10, 0, 5]])
@@ -136,6 +142,28 @@ def test_topk_segments_matches_numpy_with_ties(segments):
     for q in range(len(segments)):
         picked = scores[f_pos[f_off[q]:f_off[q + 1]]]
         assert (np.diff(picked) <= 0).all(), "each segment comes back best first"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_segments_insertion_and_sort_paths_match_numpy(seed):
+    # Segments of a rerank's size with picks on both sides of the insertion/sort switch (32),
+    # heavy ties, -0.0 beside 0.0, infinities and NaNs (numpy ranks NaN last, in position order).
+    rng = np.random.default_rng(seed)
+    segments = rng.integers(0, 300, size=8)
+    offsets = np.zeros(len(segments) + 1, np.int64)
+    offsets[1:] = np.cumsum(segments)
+    scores = rng.integers(-3, 4, int(offsets[-1])).astype(np.float64) / 2
+    special = rng.random(len(scores))
+    scores[special < 0.05] = np.nan
+    scores[(special >= 0.05) & (special < 0.07)] = -np.inf
+    scores[(special >= 0.07) & (special < 0.09)] = -0.0
+    for dtype in (np.float32, np.float64):
+        for ks in (rng.integers(1, 33, size=8), rng.integers(33, 400, size=8), np.full(8, 10)):
+            ks = ks.astype(np.int64)
+            f_off, f_pos = K.topk_segments(scores.astype(dtype), offsets, ks)
+            s_off, s_pos = R.topk_segments(scores.astype(dtype), offsets, ks)
+            np.testing.assert_array_equal(f_off, s_off)
+            np.testing.assert_array_equal(f_pos, s_pos)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
