@@ -1,6 +1,6 @@
 """Run every benchmark and write the headline figures.
 
-    python bench/run_all.py [--quick] [--bundle DIR] --json OUT
+    python bench/run_all.py [--quick] [--bundle DIR] [--dtype auto|float32|bfloat16|int8] --json OUT
 
 --quick (under 10 minutes here): fewer batch sizes and concurrency levels, 4 s per level, ANN at
 200,000 vectors instead of 1,000,000. Keys written: served_over_inprocess, batching_gain,
@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--bundle", type=Path, default=None)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--dtype", default="auto",
+                   help="encoder precision for benchmarks 2-4 (in process and served): auto, float32, bfloat16, int8")
     args = p.parse_args()
     bundle = args.bundle or bench_bundle()
     started = time.perf_counter()
@@ -41,7 +43,7 @@ def main() -> None:
     details["ann"] = ann.run(bundle, 200_000 if args.quick else 1_000_000)
     print("\n== 5. ANN vs exact")
     print(ann.table(details["ann"]["rows"], list(details["ann"]["rows"][0])))
-    details["serving"] = serving.run(bundle, args.quick)
+    details["serving"] = serving.run(bundle, args.quick, dtype=args.dtype)
     print("\n== 2-4. in-process limit, served sweep, batching on/off")
     print(serving.report(details["serving"]))
     s = details["serving"]
@@ -51,7 +53,7 @@ def main() -> None:
         "ann_n": details["ann"]["ann_n"], "kernel_speedup": details["kernels"]["kernel_speedup"],
         "startup_s": s["startup_s"], "served_qps_p99_50ms": s["served_qps_p99_50ms"], "rss_mb": s["rss_mb"],
     }
-    out = {**headline, "quick": args.quick, "bundle": str(bundle), "seconds": time.perf_counter() - started,
+    out = {**headline, "quick": args.quick, "dtype": args.dtype, "bundle": str(bundle), "seconds": time.perf_counter() - started,
            "details": details}
     args.json.write_text(json.dumps(out, indent=2, default=float))
     print("\n== headline")

@@ -37,25 +37,25 @@ def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]
     return [" ".join(t.split()[:3]) for t in titles][:n]
 
 
-def search_engine(bundle_dir: Path, device: str = "cpu"):
-    """The server's SearchEngine over a bundle, warmed, without gRPC."""
+def search_engine(bundle_dir: Path, device: str = "cpu", dtype: str = "auto"):
+    """The server's SearchEngine over a bundle, warmed, without gRPC (encoder as the server builds it)."""
     from common.encoding import TextEncoder, resolve_dtype
     from server.bundle import load_bundle
     from server.config import ServerConfig
     from server.engine import SearchEngine
 
     bundle = load_bundle(bundle_dir)
-    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, "auto"), trace=True)  # as served
+    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, dtype), trace=True)  # as served
     engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
     engine.warmup()
     return engine
 
 
 def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", dtype: str = "auto") -> dict:
     from server.types import SearchQuery
 
-    engine = search_engine(bundle_dir, device)
+    engine = search_engine(bundle_dir, device, dtype)
     rows = []
     for bs in sizes:
         batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs, bs)]
@@ -98,31 +98,34 @@ def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
             "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
 
 
-def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), device: str = "cpu") -> dict:
+def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), device: str = "cpu",
+           dtype: str = "auto") -> dict:
     import psutil
 
     from training.served import ServedBundle, pb
 
-    with ServedBundle(bundle_dir, device=device, extra_args=tuple(extra)) as srv:
+    with ServedBundle(bundle_dir, device=device, extra_args=("--dtype", dtype, *extra)) as srv:
         closed_loop(srv.stub, pb, qs, 4, 1.0)  # connections up, caches warm
         rows = [closed_loop(srv.stub, pb, qs, c, seconds) for c in levels]
         rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
         return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows}
 
 
-def run(bundle_dir: Path, quick: bool = False, device: str = "cpu") -> dict:
+def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str = "auto") -> dict:
+    """In-process limit, served sweep and batching on/off, all with one encoder precision."""
     qs = queries(bundle_dir)
     secs = 4.0 if quick else 10.0
-    limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs, device=device)
+    limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs, device=device,
+                       dtype=dtype)
     levels = (1, 4, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
-    on = served(bundle_dir, qs, levels, secs, device=device)
+    on = served(bundle_dir, qs, levels, secs, device=device, dtype=dtype)
     ok = [r for r in on["rows"] if r["p99_ms"] <= 50.0]
     best = max(ok, key=lambda r: r["qps"]) if ok else None
-    off = served(bundle_dir, qs, (32,), secs, extra=("--max-batch-size", "1"), device=device)
+    off = served(bundle_dir, qs, (32,), secs, extra=("--max-batch-size", "1"), device=device, dtype=dtype)
     on32 = next(r for r in on["rows"] if r["clients"] == 32)
     off32 = off["rows"][0]
     return {
-        "bundle": str(bundle_dir), "device": device, "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
+        "bundle": str(bundle_dir), "device": device, "dtype": dtype, "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
         "served_qps_p99_50ms": best["qps"] if best else 0.0,
         "served_over_inprocess": (best["qps"] if best else 0.0) / limit["limit_qps"],
         "batching_gain": on32["qps"] / off32["qps"], "batching_p99_ms": on32["p99_ms"], "unbatched_p99_ms": off32["p99_ms"],
@@ -148,9 +151,10 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the encoder; FAISS is on the GPU only with faiss-gpu)")
+    p.add_argument("--dtype", default="auto", help="encoder precision, in process and served (the server's --dtype)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    res = run(args.bundle or bench_bundle(), args.quick, args.device)
+    res = run(args.bundle or bench_bundle(), args.quick, args.device, args.dtype)
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

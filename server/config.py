@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.encoding import DTYPES
+
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
 DEFAULT_K = 10
@@ -24,7 +26,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (cuda only)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (cuda only) | int8 (cpu only)
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
     max_queue: int = 64  # per batcher; deeper queues only add waiting (deadline-aware admission refuses early anyway)
@@ -99,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=_env("host", d.host))
     p.add_argument("--port", type=int, default=int(_env("port", d.port)), help="0 = pick a free port")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("device", d.device))
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=_env("dtype", d.dtype))
+    p.add_argument("--dtype", choices=DTYPES, default=_env("dtype", d.dtype),
+                   help="encoder precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else float32), "
+                        "or int8 on CPU (dynamic quantization: faster queries, slightly different vectors)")
     p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", d.max_batch_size)))
     p.add_argument("--max-delay-ms", type=float, default=float(_env("max_delay_ms", d.max_delay_ms)))
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", d.max_queue)))

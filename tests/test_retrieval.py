@@ -107,6 +107,9 @@ def test_device_policy():
     assert resolve_dtype("cuda", "auto") == "float16"
     with pytest.raises(DeviceError):
         resolve_dtype("cpu", "float16")
+    assert resolve_dtype("cpu", "int8") == "int8"
+    with pytest.raises(DeviceError, match="int8"):
+        resolve_dtype("cuda", "int8")
     with pytest.raises(DeviceError):
         resolve_device("tpu")
 
@@ -135,3 +138,27 @@ def test_traced_encoder_gives_the_eager_vectors_at_any_batch_shape():
         np.testing.assert_allclose(traced.encode(texts, batch_size=4), eager.encode(texts, batch_size=4), atol=1e-5)
     # Nothing is traced where autocast or fp16 would be in play.
     assert TextEncoder(default_encoder_dir(), device="cpu", dtype="bfloat16", trace=True).traced is None
+
+
+def test_int8_encoder_quantizes_every_linear_and_keeps_the_ranking():
+    import torch
+
+    from common.encoding import TextEncoder
+    from training.__main__ import default_encoder_dir
+
+    fp32 = TextEncoder(default_encoder_dir(), device="cpu", dtype="float32")
+    int8 = TextEncoder(default_encoder_dir(), device="cpu", dtype="int8")
+    traced = TextEncoder(default_encoder_dir(), device="cpu", dtype="int8", trace=True)
+    mods = list(int8.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in mods)
+    assert sum(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in mods) == 6 * 6 + 1  # 6 per layer, pooler
+    titles = ["DEWALT 20V MAX cordless drill driver kit", "Glacier Bay white kitchen sink faucet with sprayer",
+              "Behr premium deck stain in cedar", "Rain Bird garden hose nozzle", "Hampton Bay LED ceiling fan"]
+    queries = ["cordless drill", "kitchen faucet", "deck stain", "hose nozzle", "ceiling fan light"]
+    q8, q32 = int8.encode(queries), fp32.encode(queries)
+    np.testing.assert_allclose(np.linalg.norm(q8, axis=1), 1.0, atol=1e-5)
+    assert ((q8 * q32).sum(1) > 0.95).all()  # close to fp32, not equal
+    assert not np.allclose(q8, q32, atol=1e-3)
+    for q in (int8, traced):
+        assert ((q.encode(queries) @ q.encode(titles).T).argmax(1) == np.arange(5)).all()
+    np.testing.assert_allclose(traced.encode(queries, batch_size=2), int8.encode(queries, batch_size=2), atol=1e-5)

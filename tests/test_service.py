@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import SAMPLE, field_of, rpc_error
+from tests.conftest import SAMPLE, field_of, rpc_error, serve
 
 
 def search(stub, pb, query, **kw):
@@ -183,10 +183,25 @@ def test_server_keeps_answering_after_bad_input(stub, pb):
 def test_get_info(stub, pb):
     info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.bundle_version.startswith("sample-")
-    assert info.device == "cpu" and info.dtype in ("float32", "bfloat16")
+    assert info.device == "cpu" and info.dtype in ("float32", "bfloat16")  # auto never picks int8
     assert info.index_type == "flat_ip" and info.index_size == 324 and info.item_count == 324
     assert info.dims == 384 and list(info.features)[0] == "dense"
     assert info.batcher.max_batch_size == 32 and info.batcher.max_queue > 0
+
+
+def test_int8_server_reports_it_and_answers_like_fp32(sample_bundle, stub, pb):
+    from server.stubs import pb_grpc
+
+    for srv in serve(sample_bundle, dtype="int8"):
+        with grpc.insecure_channel(srv.target) as ch:
+            s8 = pb_grpc.SearchRecommendStub(ch)
+            assert s8.GetInfo(pb.GetInfoRequest(), timeout=10).dtype == "int8"
+            for q in ("cordless drill", "garden hose", "office chair"):
+                r8 = {it.item_id: it.score for it in search(s8, pb, q, k=5).items}
+                r32 = {it.item_id: it.score for it in search(stub, pb, q, k=5).items}
+                # Same five products; near-ties may swap (scores move by ~0.01-0.03).
+                assert r8.keys() == r32.keys()
+                assert max(abs(r8[i] - r32[i]) for i in r8) < 0.1
 
 
 def test_concurrent_clients_are_batched(stub, pb):

@@ -25,7 +25,7 @@ from pathlib import Path
 import transformers
 
 from common.bundle_format import sha256_file
-from common.encoding import DeviceError, resolve_device, resolve_dtype
+from common.encoding import DTYPES, DeviceError, resolve_device, resolve_dtype
 from training.bundle_writer import BuildOptions, write_bundle
 from training.catalog import CatalogError, load_catalog
 from training.data import DataError, prepare_catalog, prepare_homedepot
@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("--json", type=Path)
     es.add_argument("--plot", type=Path)
     es.add_argument("--cache-dir", type=Path, default=Path(".cache/eval"))
+    es.add_argument("--serve-dtype", default="auto", choices=DTYPES,
+                    help="encoder precision of the served bundle (the server's --dtype; int8 = CPU dynamic quantization)")
     _common(es)
     return parser
 
@@ -275,7 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not (args.bundle / "manifest.json").is_file():
         raise DataError(f"{args.bundle}: not a bundle (no manifest.json)")
     results = evaluate_search(args.bundle, args.judgments, pretrained=args.encoder or default_encoder_dir(),
-                              device=device, cache_dir=args.cache_dir)
+                              device=device, cache_dir=args.cache_dir, server_args=("--dtype", args.serve_dtype))
     print(format_table(results))
     print(f"({results['meta']['queries']} queries; {results['meta']['unknown_ids_skipped']} judgments of unknown items skipped)")
     if args.json:

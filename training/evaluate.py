@@ -184,8 +184,12 @@ def zero_shot_vectors(items: pd.DataFrame, encoder: TextEncoder, cache_dir: Path
 
 
 def evaluate_search(bundle: Path, judgments: Path, *, pretrained: Path, device: str = "cpu",
-                    cache_dir: Path | None = None, zero_shot: np.ndarray | None = None) -> dict:
-    """Evaluate the served bundle and the baselines on one judgments file; returns the JSON-able result."""
+                    cache_dir: Path | None = None, zero_shot: np.ndarray | None = None,
+                    server_args: tuple[str, ...] = ()) -> dict:
+    """Evaluate the served bundle and the baselines on one judgments file; returns the JSON-able result.
+
+    server_args go to the server process as they are (e.g. ("--dtype", "int8")).
+    """
     manifest = bf.read_manifest(bundle)
     items = pd.read_parquet(bundle / manifest["items"]["file"])
     aliases_file = bundle / "aliases.json"
@@ -194,7 +198,7 @@ def evaluate_search(bundle: Path, judgments: Path, *, pretrained: Path, device: 
     if not data.queries:
         raise ValueError(f"{judgments}: no judged query refers to an item of this bundle")
     results: dict = {}
-    with ServedBundle(bundle, device=device) as served:
+    with ServedBundle(bundle, device=device, extra_args=tuple(server_args)) as served:
         def served_rank(q: str) -> list[str]:
             return [it.item_id for it in served.search(q, TOP).items]
 
@@ -204,6 +208,7 @@ def evaluate_search(bundle: Path, judgments: Path, *, pretrained: Path, device: 
         results["bundle"] = score_system("bundle", data, served_rank, served_judged)
         results["bundle"]["version"] = served.version
         results["bundle"]["startup_s"] = served.startup_s
+        results["bundle"]["server_args"] = list(server_args)
 
     encoder = TextEncoder(pretrained, device=device, dtype="float32")
     vectors = zero_shot if zero_shot is not None else zero_shot_vectors(items, encoder, cache_dir)
