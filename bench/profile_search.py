@@ -1,7 +1,7 @@
 """Where the time of a Search goes: cProfile over the in-process pipeline (encode + retrieve + rerank
 at batch 32, no gRPC) and a per-stage split from the engine's own timers.
 
-    python bench/profile_search.py [--bundle DIR] [--batches 40] [--out PROFILE.txt]
+    python bench/profile_search.py [--bundle DIR] [--batches 40] [--batch-size 32] [--dtype auto|int8] [--out PROFILE.txt]
 
 Prints the stage split (encode / retrieve / rank, medians per batch) and the functions with the most
 own time. Used to find the largest costs before changing anything; the README quotes before/after.
@@ -24,12 +24,13 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=None)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="auto", help="encoder precision (the server's --dtype)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     from server.types import SearchQuery
 
     bundle_dir = args.bundle or bench_bundle()
-    engine = search_engine(bundle_dir)
+    engine = search_engine(bundle_dir, dtype=args.dtype)
     bundle = engine.bundle
     qs = queries(bundle_dir, args.batches * args.batch_size)
     bs = args.batch_size
@@ -44,7 +45,8 @@ def main() -> None:
     prof.disable()
     med = [statistics.median(s[i] for s in stages) * 1000 for i in range(3)]
     total = sum(med)
-    head = (f"bundle {bundle.version} ({len(bundle.items)} items), {len(batches)} batches of {bs}\n"
+    head = (f"bundle {bundle.version} ({len(bundle.items)} items), {len(batches)} batches of {bs}, "
+            f"encoder {args.dtype}\n"
             f"median ms per batch: encode {med[0]:.1f} ({100 * med[0] / total:.0f}%), retrieve {med[1]:.1f} "
             f"({100 * med[1] / total:.0f}%), rank {med[2]:.1f} ({100 * med[2] / total:.0f}%); "
             f"{bs / (total / 1000):.0f} queries/s\n")

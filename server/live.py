@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from common.text import number_tokens, tokenize
-from server.bundle import Bundle, ItemTable, LexicalIndex, build_item_table
+from server.bundle import Bundle, ItemTable, LexicalIndex, add_to_small_batch_index, build_item_table
 
 def passage(item: dict[str, Any]) -> str:
     """The text an item is encoded from (the bundle writer's passage: title. brand. category. description)."""
@@ -126,7 +126,7 @@ def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[s
         table = build_item_table(frame, lexical.vocab)
         bundle.index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # in place: compute thread only
         if bundle.scan_index is not None:
-            bundle.scan_index.add(np.ascontiguousarray(vectors.astype(np.float16), dtype=np.float32))
+            add_to_small_batch_index(bundle.scan_index, vectors.astype(np.float16))
         all_vectors = np.concatenate([bundle.vectors, vectors.astype(bundle.vectors.dtype)])
         popularity = np.concatenate([bundle.popularity, np.zeros(len(upserts), np.float32)])
         alive = np.concatenate([alive, np.ones(len(upserts), bool)])

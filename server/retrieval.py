@@ -17,11 +17,6 @@ from server.bundle import Bundle, ItemTable
 from server.types import Filters
 
 log = logging.getLogger(__name__)
-# Up to this many unfiltered queries an exact search scans the fp16 copy (half the bytes) query by
-# query; above it one BLAS product over the fp32 index is faster. Measured on this project's 2-core
-# CPU over the 53k Home Depot vectors (bench/scan_small_batches.py): fp16 scan 1.5-3.2x faster at
-# 1-4 queries, slower from 8 on. Same top-100 at float precision.
-SCAN_BATCH_MAX = 4
 
 
 def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
@@ -75,6 +70,9 @@ class DenseRetriever:
         self.exact_filter_max = exact_filter_max
         self.index = bundle.index
         self.scan_index = bundle.scan_index
+        # Small unfiltered batches of an exact bundle go to its cheaper twin (server.bundle.small_batch_index):
+        # a full exact search reads every vector whatever the batch; one BLAS product wins only for big ones.
+        self.scan_batch_max = bundle.scan_batch_max
         self.on_gpu = False
         self._gpu_lock = threading.Lock()  # faiss GPU calls are serialised
         spec = bundle.manifest["index"]
@@ -111,7 +109,7 @@ class DenseRetriever:
         if plain:
             n = min(max(ns[i] for i in plain), self.cpu_index.ntotal)
             index = self.index
-            if not self.on_gpu and self.scan_index is not None and len(plain) <= SCAN_BATCH_MAX:
+            if not self.on_gpu and self.scan_index is not None and len(plain) <= self.scan_batch_max:
                 index = self.scan_index
             labels = self._search(index, np.ascontiguousarray(queries[plain]), n)
             for j, i in enumerate(plain):

@@ -127,8 +127,10 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                                              name=f"recommend[{name}]", **shared)
     runtime.encode_batcher = DynamicBatcher(runtime._encode, stats=encode_stats or BatcherStats(),
                                             name=f"encode[{name}]", **shared)
-    log.info("bundle %s ready in %.2fs: %d items, index %s, recommender %s, device %s/%s", bundle.version,
-             time.perf_counter() - started, len(bundle.items), bundle.index_type,
+    small = "none" if bundle.scan_index is None else (
+        f"{type(bundle.scan_index).__name__} up to {bundle.scan_batch_max} queries")
+    log.info("bundle %s ready in %.2fs: %d items, index %s (small batches: %s), recommender %s, device %s/%s",
+             bundle.version, time.perf_counter() - started, len(bundle.items), bundle.index_type, small,
              "yes" if runtime.rec is not None else "no", device, dtype)
     return runtime
 

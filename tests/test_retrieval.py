@@ -9,7 +9,8 @@ import pytest
 
 from common.encoding import DeviceError, resolve_device, resolve_dtype
 from common.text import has_control_chars, tokenize
-from server.retrieval import SCAN_BATCH_MAX, DenseRetriever, _exact_top
+from server.bundle import FP16_SCAN_BATCH_MAX, add_to_small_batch_index, small_batch_index
+from server.retrieval import DenseRetriever, _exact_top
 
 
 def fake_bundle(n=2000, d=16, hnsw=False, seed=0, scan=False, ivf=False):
@@ -31,11 +32,9 @@ def fake_bundle(n=2000, d=16, hnsw=False, seed=0, scan=False, ivf=False):
         index = faiss.IndexFlatIP(d)
         itype, manifest = "flat_ip", {"index": {}}
         index.add(vecs)
-    scan_index = None
-    if scan:
-        scan_index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-        scan_index.add(vecs)
-    return SimpleNamespace(vectors=vecs, index=index, index_type=itype, manifest=manifest, scan_index=scan_index)
+    scan_index, scan_batch_max = small_batch_index(index, vecs) if scan else (None, 0)
+    return SimpleNamespace(vectors=vecs, index=index, index_type=itype, manifest=manifest, scan_index=scan_index,
+                           scan_batch_max=scan_batch_max)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
@@ -77,7 +76,8 @@ def test_small_batches_scan_the_fp16_copy_and_find_the_same_items(monkeypatch):
     b = fake_bundle(scan=True)
     r = DenseRetriever(b, "cpu", exact_filter_max=100)
     rng = np.random.default_rng(3)
-    qs = rng.normal(size=(SCAN_BATCH_MAX + 1, 16)).astype(np.float32)
+    assert r.scan_batch_max == FP16_SCAN_BATCH_MAX  # 2,000 items: the fp16 copy
+    qs = rng.normal(size=(FP16_SCAN_BATCH_MAX + 1, 16)).astype(np.float32)
     qs /= np.linalg.norm(qs, axis=1, keepdims=True)
     used = []
     for name in ("index", "scan_index"):
@@ -88,6 +88,40 @@ def test_small_batches_scan_the_fp16_copy_and_find_the_same_items(monkeypatch):
     assert used == ["index"] + ["scan_index"] * len(qs)
     for i in range(len(qs)):
         np.testing.assert_array_equal(np.sort(big[i]), np.sort(small[i]))
+
+
+def test_large_exact_bundles_answer_small_batches_by_fast_scan_with_exact_rescoring(monkeypatch):
+    from server.bundle import FAST_SCAN_BATCH_MAX, FAST_SCAN_MIN_ITEMS
+
+    b = fake_bundle(n=FAST_SCAN_MIN_ITEMS + 500, d=32, scan=True)
+    assert isinstance(b.scan_index, faiss.IndexRefine) and b.scan_batch_max == FAST_SCAN_BATCH_MAX
+    r = DenseRetriever(b, "cpu", exact_filter_max=100)
+    rng = np.random.default_rng(4)
+    qs = b.vectors[rng.choice(len(b.vectors), 40, replace=False)] + rng.normal(scale=0.15, size=(40, 32)).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    exact = [_exact_top(b.vectors, np.arange(len(b.vectors)), q, 50) for q in qs]
+    used = []
+    for name in ("index", "scan_index"):
+        real = getattr(r, name)
+        monkeypatch.setattr(r, name, SimpleNamespace(search=lambda q, n, real=real, name=name: (used.append(name), real.search(q, n))[1]))
+    small = r.search(qs[:FAST_SCAN_BATCH_MAX], [50] * FAST_SCAN_BATCH_MAX, [None] * FAST_SCAN_BATCH_MAX)
+    big = r.search(qs, [50] * len(qs), [None] * len(qs))
+    assert used == ["scan_index", "index"]
+    found = sum(len(set(a) & set(e)) for a, e in zip(small, exact))
+    assert found >= 0.99 * 50 * len(small)  # codes only pick candidates; the order is exact scores
+    for a, e in zip(small, exact):
+        np.testing.assert_array_equal(a[:10], e[:10])
+    for a, e in zip(big, exact):
+        assert set(a) == set(e)
+    # Live items: appended to the flat index by the caller, to the codes here; found at once.
+    monkeypatch.undo()
+    new = rng.normal(size=(3, 32)).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    b.index.add(new)
+    add_to_small_batch_index(b.scan_index, new)
+    assert b.scan_index.ntotal == b.index.ntotal == FAST_SCAN_MIN_ITEMS + 503
+    rows = r.search(new, [5] * 3, [None] * 3)
+    assert [int(x[0]) for x in rows] == [FAST_SCAN_MIN_ITEMS + 500 + i for i in range(3)]
 
 
 def test_tokenizer_stems_drops_stopwords_and_keeps_numbers():
