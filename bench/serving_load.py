@@ -117,7 +117,7 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
     secs = 4.0 if quick else 10.0
     limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs, device=device,
                        dtype=dtype)
-    levels = (1, 4, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
+    levels = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
     on = served(bundle_dir, qs, levels, secs, device=device, dtype=dtype)
     ok = [r for r in on["rows"] if r["p99_ms"] <= 50.0]
     best = max(ok, key=lambda r: r["qps"]) if ok else None
