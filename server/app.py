@@ -11,11 +11,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.encoding import resolve_device, resolve_dtype
+from server import IMPORTED_AT
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -75,13 +75,13 @@ class SearchrecServer:
         self.grpc_server, self.port = server, port
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
-        # Both figures: the bundle/encoder part this object controls, and the whole process start
-        # (interpreter and imports included: ~6 s of torch and transformers here), which is what a caller waits.
-        log.info("serving %s on %s:%d (%s%s, %.1fs to SERVING, %.1fs since process start)", self.holder.current.version,
+        # Both figures: the bundle/encoder part this object controls, and the whole start (imports
+        # included: ~6 s of torch and transformers here), which is what a caller waits for.
+        log.info("serving %s on %s:%d (%s%s, %.1fs to SERVING, %.1fs since start)", self.holder.current.version,
                  self.config.host, port,
                  "plaintext" if self.credentials is None else "mutual TLS" if self.config.tls_client_ca else "TLS",
                  ", tokens" if self.tokens is not None else "", time.monotonic() - started,
-                 time.time() - psutil.Process().create_time())
+                 time.time() - IMPORTED_AT)
         return port
 
     async def stop(self, grace: float | None = None) -> None:
