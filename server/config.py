@@ -35,7 +35,7 @@ class ServerConfig:
     torch_threads: int = 0  # 0 = torch default (all cores)
     grace_s: float = 5.0
     warmup: bool = True
-    encoder_trace: bool = True  # TorchScript-trace the encoder on CPU fp32 (less per-call overhead)
+    encoder_trace: bool = True  # TorchScript-trace the encoder on CPU fp32 and int8 (less per-call overhead)
     log_level: str = "INFO"
     max_message_bytes: int = 4 * 1024 * 1024
     state_dir: Path | None = None  # event log + live catalog changes; None = write RPCs are refused
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, default=float(_env("grace_s", d.grace_s)))
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=True)
     p.add_argument("--no-encoder-trace", dest="encoder_trace", action="store_false", default=True,
-                   help="run the encoder eagerly instead of TorchScript-traced (CPU fp32 only traces)")
+                   help="run the encoder eagerly instead of TorchScript-traced (only CPU fp32 and int8 trace)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
     p.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
                    help="durable event log and live catalog changes (required for Feedback/UpsertItems/DeleteItems)")
