@@ -10,6 +10,7 @@ quality for query latency; see README "Performance".
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from pathlib import Path
 
@@ -100,6 +101,7 @@ class TextEncoder:
         self.pooling = pooling
         self.normalize = normalize
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self._tokenizer_lock = threading.Lock()
         # safetensors only: a pickled pytorch_model.bin is never loaded (no code runs from weight files).
         model = AutoModel.from_pretrained(self.model_dir, local_files_only=True, use_safetensors=True)
         model.eval()
@@ -136,9 +138,11 @@ class TextEncoder:
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
+        # A fast tokenizer re-sets its padding/truncation state on every call, and a call on another
+        # thread then fails with "Already borrowed" (huggingface/transformers#47085): one at a time.
+        with self._tokenizer_lock:
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = batch.to(self.device)
         if self.traced is not None:
             hidden = self.traced(batch["input_ids"], batch["attention_mask"])
         else:

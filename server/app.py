@@ -10,14 +10,16 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.encoding import resolve_device, resolve_dtype
 from server import IMPORTED_AT
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
-from server.config import ServerConfig
+from server.config import ServerConfig, compute_plan
 from server.metrics import Metrics
 from server.runtime import RuntimeHolder
 from server.service import SearchRecommendService, add_to_server
@@ -34,15 +36,17 @@ class SearchrecServer:
         # Fails fast (DeviceError) when cuda is asked for and absent: never a silent fallback.
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(self.device, config.dtype)
-        # One compute thread: batches run one at a time, off the event loop; loading has its own.
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # Batches run off the event loop on `workers` compute threads (several at once: see
+        # ServerConfig.compute_workers); loading has its own thread.
+        self.workers, self.torch_threads = compute_plan(config)
+        self.compute = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="compute")
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
         # Access files are read before the bundle: a bad tokens/TLS/key file is a start-up error (AccessConfigError).
         self.tokens = load_tokens(config.tokens) if config.tokens is not None else None
         self.credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
                             if config.tls_cert is not None else None)
         self.pseudonymise = Pseudonymiser.from_file(config.user_id_key) if config.user_id_key is not None else None
-        self.holder = RuntimeHolder(config, self.device, self.dtype, self.compute, self.loader)
+        self.holder = RuntimeHolder(config, self.device, self.dtype, self.compute, self.loader, self.workers)
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -51,8 +55,14 @@ class SearchrecServer:
 
     async def start(self) -> int:
         started = time.monotonic()
-        log.info("device %s, dtype %s", self.device, self.dtype)
+        log.info("device %s, dtype %s; %d compute thread(s), %d torch thread(s)", self.device, self.dtype,
+                 self.workers, self.torch_threads)
         await self.holder.load_initial(self.config.bundle)  # BundleError: refuse to start
+        # Each compute thread encodes and searches with its share of the cores (two batches with every
+        # core each oversubscribe them). Set after the first load: loading, tracing, training the
+        # small-batch codes and the warm-up run alone and use every core.
+        torch.set_num_threads(self.torch_threads)
+        faiss.omp_set_num_threads(self.torch_threads)
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes)]
         on_denied = self.metrics.observe_denied if self.metrics is not None else None

@@ -3,7 +3,9 @@
 Callers `submit` one item and await its result; a worker task gathers up to `max_batch_size` items
 (waiting at most `max_delay_ms` after the first one arrived), drops work whose caller has gone
 (cancelled) or whose deadline has passed (never computed), runs the batch function in an executor
-thread so the event loop keeps accepting, and hands each caller its own result. A batch that fails
+thread so the event loop keeps accepting, and hands each caller its own result. Up to `concurrency`
+batches run at once (one per compute thread); the next batch is formed only when a slot is free, so
+under load the queue fills the batch instead of splitting it. A batch that fails
 fails only its own callers. The queue is bounded: a full queue is rejected at once (`Overloaded`), and so is a call whose deadline
 would pass while it waits behind the queue (estimated from the recent batch compute time and the
 event loop's lag).
@@ -92,6 +94,7 @@ class DynamicBatcher(Generic[T, R]):
         name: str = "batcher",
         lag: "LoopLag | None" = None,
         admit_fraction: float = 1.0,
+        concurrency: int = 1,
     ) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
@@ -101,6 +104,8 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
@@ -116,7 +121,9 @@ class DynamicBatcher(Generic[T, R]):
         self._wakeup = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task | None = None
-        self._running = False  # a batch is being computed
+        self.concurrency = concurrency
+        self._inflight = 0  # batches being computed
+        self.max_inflight = 0  # the most batches computed at once so far
         # Moving average of one batch's compute time. Per batch, not per request: under overload batches
         # are full, and a per-request average taken from small batches overstates the cost (fixed costs).
         self._batch_s: float | None = None
@@ -146,8 +153,9 @@ class DynamicBatcher(Generic[T, R]):
             # now, cheaply, instead of holding a slot and expiring later. An idle server admits everything.
             # The answer also has to travel back through the event loop: under a flood that loop is
             # itself the bottleneck, so its measured lag counts (twice: the request in, the answer out).
-            ahead = len(self._queue) // self.max_batch_size + 1 + int(self._running)
-            wait_s = ahead * self._batch_s + 2 * (self.lag.seconds if self.lag is not None else 0.0)
+            ahead = len(self._queue) // self.max_batch_size + 1 + self._inflight
+            rounds = -(-ahead // self.concurrency)  # batches ahead, run `concurrency` at a time
+            wait_s = rounds * self._batch_s + 2 * (self.lag.seconds if self.lag is not None else 0.0)
             if wait_s > self.admit_fraction * (deadline - now):
                 self.stats.rejected += 1
                 raise Overloaded(f"server overloaded: {len(self._queue)} requests are queued ahead (about "
@@ -212,46 +220,60 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task] = set()
         while True:
+            await slots.acquire()  # form the next batch only when a compute slot is free
             batch = await self._next_batch()
             if not batch:
+                slots.release()
                 if self._closing and not self._queue:
-                    return
+                    break
                 continue
-            started = time.monotonic()
-            items = [e.item for e in batch]
-            self._running = True
-            try:
-                results = await loop.run_in_executor(self.executor, self.fn, items)
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"{self.name}: batch function returned {len(results)} results for {len(batch)} items"
-                    )
-            except Exception as exc:  # fail this batch's callers only; the worker carries on
-                log.exception("%s: batch of %d failed", self.name, len(batch))
-                self.stats.failed += len(batch)
-                for e in batch:
-                    if not e.future.done():
-                        e.future.set_exception(exc)
-                continue
-            finally:
-                self._running = False
-            finished = time.monotonic()
-            compute_s = finished - started
-            self._batch_s = compute_s if self._batch_s is None else 0.8 * self._batch_s + 0.2 * compute_s
-            self.stats.batches_run += 1
-            self.stats.items_computed += len(batch)
-            self.stats.compute_s_total += compute_s
-            self.stats.batch_sizes[len(batch)] += 1
-            if self.stats.observer is not None:
-                self.stats.observer(self.name.split("[", 1)[0], len(batch), compute_s,
-                                    [started - e.enqueued for e in batch])
-            for e, value in zip(batch, results):
-                queue_s = started - e.enqueued
-                self.stats.queue_s_total += queue_s
+            task = loop.create_task(self._compute(batch, slots))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
+
+    async def _compute(self, batch: list[_Entry], slots: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        items = [e.item for e in batch]
+        self._inflight += 1
+        self.max_inflight = max(self.max_inflight, self._inflight)
+        try:
+            results = await loop.run_in_executor(self.executor, self.fn, items)
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"{self.name}: batch function returned {len(results)} results for {len(batch)} items"
+                )
+        except Exception as exc:  # fail this batch's callers only; the worker carries on
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            self.stats.failed += len(batch)
+            for e in batch:
                 if not e.future.done():
-                    self.stats.done += 1
-                    e.future.set_result(BatchResult(value, queue_s, compute_s, len(batch)))
+                    e.future.set_exception(exc)
+            return
+        finally:
+            self._inflight -= 1
+            slots.release()
+        finished = time.monotonic()
+        compute_s = finished - started
+        self._batch_s = compute_s if self._batch_s is None else 0.8 * self._batch_s + 0.2 * compute_s
+        self.stats.batches_run += 1
+        self.stats.items_computed += len(batch)
+        self.stats.compute_s_total += compute_s
+        self.stats.batch_sizes[len(batch)] += 1
+        if self.stats.observer is not None:
+            self.stats.observer(self.name.split("[", 1)[0], len(batch), compute_s,
+                                [started - e.enqueued for e in batch])
+        for e, value in zip(batch, results):
+            queue_s = started - e.enqueued
+            self.stats.queue_s_total += queue_s
+            if not e.future.done():
+                self.stats.done += 1
+                e.future.set_result(BatchResult(value, queue_s, compute_s, len(batch)))
 
 
 class LoopLag:

@@ -7,7 +7,7 @@ returning them. Rows never move, so a row resolved by a request stays valid whil
 BM25 weights of new items use the bundle's own term statistics (as a new index segment would).
 
 `apply_changes` returns a new Bundle (the old one is untouched except for the FAISS index, which
-grows in place; that is why it runs on the single compute thread, between batches).
+grows in place; that is why it runs on a compute thread with no batch beside it: `ComputeGate.exclusive`).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[s
                                   float(lex_cfg.get("k1", 1.2)), float(lex_cfg.get("b", 0.75)), avgdl)
         # Ids are unique per row in the frame; a changed item's id points at its new row.
         table = build_item_table(frame, lexical.vocab)
-        bundle.index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # in place: compute thread only
+        bundle.index.add(np.ascontiguousarray(vectors, dtype=np.float32))  # in place: under the runtime's exclusive gate
         if bundle.scan_index is not None:
             add_to_small_batch_index(bundle.scan_index, vectors.astype(np.float16))
         all_vectors = np.concatenate([bundle.vectors, vectors.astype(bundle.vectors.dtype)])

@@ -3,19 +3,22 @@
 A request takes `holder.current` once and finishes on that runtime even if a reload swaps in another
 meanwhile, so no answer mixes two bundles and every answer names the version it was computed on.
 A new bundle is loaded, verified and warmed up off the event loop before the swap; the old
-runtime's batcher then drains its queue and stops.
+runtime's batcher then drains its queue and stops. Batches of one runtime may run on several compute
+threads at once; a live catalog change waits for them and runs alone (its `ComputeGate`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.encoding import TextEncoder
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
@@ -31,9 +34,55 @@ from server.state import LiveState
 log = logging.getLogger(__name__)
 
 
+class ComputeGate:
+    """Shared/exclusive access to one runtime's bundle across compute threads (a readers-writer lock).
+
+    Batches and SimilarItems only read the bundle and run side by side (`shared`); a live catalog change
+    grows the FAISS index in place and swaps the engines, so it waits for the running ones and keeps new
+    ones out until it is done (`exclusive`). A waiting change goes first, so steady traffic cannot starve it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 @dataclass
 class Runtime:
-    """One bundle being served. `bundle` and the engines are replaced (on the compute thread, between
+    """One bundle being served. `bundle` and the engines are replaced (on a compute thread, alone, between
     batches) when live catalog changes land; the batchers always call the current engines."""
 
     bundle: Bundle
@@ -44,31 +93,41 @@ class Runtime:
     rec_batcher: DynamicBatcher | None = None
     encode_batcher: DynamicBatcher | None = None
     config: ServerConfig | None = None
+    gate: ComputeGate = field(default_factory=ComputeGate)
 
     @property
     def version(self) -> str:
         return self.bundle.version
 
     def _search(self, queries):
-        return self.engine.search_batch(queries)
+        with self.gate.shared():
+            return self.engine.search_batch(queries)
 
     def _recommend(self, queries):
-        return self.rec.recommend_batch(queries)
+        with self.gate.shared():
+            return self.rec.recommend_batch(queries)
 
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.encode(texts, batch_size=max(len(texts), 1)))
+        with self.gate.shared():
+            return list(self.encoder.encode(texts, batch_size=max(len(texts), 1)))
+
+    def similar(self, item_id: str, k: int, filters, explain: bool):
+        """SimilarItems on a compute thread, beside the batches."""
+        with self.gate.shared():
+            return self.engine.similar(item_id, k, filters, explain, self.rec)
 
     def batchers(self) -> list[DynamicBatcher]:
         return [b for b in (self.batcher, self.rec_batcher, self.encode_batcher) if b is not None]
 
     def apply_live(self, upserts: list[dict], deletes: list[str], vectors: np.ndarray,
                    live_counts: dict[str, float]) -> None:
-        """Land catalog changes (compute thread only): new bundle view, new engines, one swap."""
-        rec_vectors = self.rec.text_vector(vectors) if self.rec is not None else None
-        bundle = apply_changes(self.bundle, upserts, deletes, vectors, rec_vectors)
-        engine = SearchEngine(bundle, self.encoder, self.config)
-        rec = make_rec(bundle, self.encoder.device, self.config, live_counts)
-        self.bundle, self.engine, self.rec = bundle, engine, rec
+        """Land catalog changes (on a compute thread, alone): new bundle view, new engines, one swap."""
+        with self.gate.exclusive():
+            rec_vectors = self.rec.text_vector(vectors) if self.rec is not None else None
+            bundle = apply_changes(self.bundle, upserts, deletes, vectors, rec_vectors)
+            engine = SearchEngine(bundle, self.encoder, self.config)
+            rec = make_rec(bundle, self.encoder.device, self.config, live_counts)
+            self.bundle, self.engine, self.rec = bundle, engine, rec
 
     def start(self) -> None:
         for b in self.batchers():
@@ -94,7 +153,7 @@ def make_rec(bundle: Bundle, device: str, config: ServerConfig, live_counts: dic
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                   executor: Executor, stats: BatcherStats, live: LiveState | None = None,
                   rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None,
-                  lag: LoopLag | None = None) -> Runtime:
+                  lag: LoopLag | None = None, workers: int = 1) -> Runtime:
     """Load, verify and warm a bundle and land the live catalog changes it lacks (blocking; run it
     off the event loop)."""
     started = time.perf_counter()
@@ -120,7 +179,7 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
             warm_rec(runtime.rec)
     name = bundle.version
     shared = dict(max_batch_size=config.max_batch_size, max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                  executor=executor, lag=lag, admit_fraction=config.admit_fraction)
+                  executor=executor, lag=lag, admit_fraction=config.admit_fraction, concurrency=workers)
     runtime.batcher = DynamicBatcher(runtime._search, stats=stats, name=f"search[{name}]", **shared)
     if runtime.rec is not None:
         runtime.rec_batcher = DynamicBatcher(runtime._recommend, stats=rec_stats or BatcherStats(),
@@ -138,11 +197,13 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
 class RuntimeHolder:
     """Holds the runtime being served and swaps in new ones."""
 
-    def __init__(self, config: ServerConfig, device: str, dtype: str, compute: Executor, loader: Executor) -> None:
+    def __init__(self, config: ServerConfig, device: str, dtype: str, compute: Executor, loader: Executor,
+                 workers: int = 1) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
         self.compute = compute
+        self.workers = workers  # threads of `compute`: batches of one batcher run this many at once
         self.loader = loader
         # Cumulative over reloads, one per batcher kind.
         self.stats = BatcherStats()
@@ -158,8 +219,6 @@ class RuntimeHolder:
         # symlink picks up the new bundle (SIGHUP, or ReloadBundle with an empty path).
         self.source: Path | None = None
         self._lock = asyncio.Lock()
-        if config.torch_threads > 0:
-            torch.set_num_threads(config.torch_threads)
 
     @property
     def current(self) -> Runtime:
@@ -171,7 +230,7 @@ class RuntimeHolder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.loader, build_runtime, path, self.config, self.device, self.dtype, self.compute, self.stats,
-            self.live, self.rec_stats, self.encode_stats, self.lag)
+            self.live, self.rec_stats, self.encode_stats, self.lag, self.workers)
 
     async def load_initial(self, path: Path) -> Runtime:
         self.lag.start()

@@ -216,10 +216,10 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExpired("the deadline passed before the request could run")
         def similar():
-            # Checked again when the compute thread gets to it: it may have waited behind batches.
+            # Checked again when a compute thread gets to it: it may have waited behind batches.
             if deadline is not None and deadline <= time.monotonic():
-                raise DeadlineExpired("the deadline passed while the request waited for the compute thread")
-            return runtime.engine.similar(item_id, k, filters, request.explain, runtime.rec)
+                raise DeadlineExpired("the deadline passed while the request waited for a compute thread")
+            return runtime.similar(item_id, k, filters, request.explain)
 
         hits = await asyncio.get_running_loop().run_in_executor(self.holder.compute, similar)
         return pb.SimilarItemsResponse(items=[self._scored(runtime.bundle, h) for h in hits],

@@ -272,3 +272,63 @@ def test_an_idle_batcher_admits_short_deadlines_and_never_computes_expired_calls
     fn, stats = run(main())
     assert fn.batches == [[0], [1]]  # 2 was never computed
     assert stats.expired == 1 and stats.rejected == 0
+
+
+def test_concurrency_runs_batches_side_by_side_and_no_more():
+    """With concurrency 2 two batches compute at once: both wait on one barrier, which would time out
+    (and fail the batch) if they ran one after the other."""
+    barrier = threading.Barrier(2, timeout=10)
+    started = []
+
+    def fn(items):
+        started.append(list(items))
+        if len(started) <= 2:
+            barrier.wait()  # raises BrokenBarrierError unless the first two batches overlap
+        return [x * 10 for x in items]
+
+    async def main():
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            b = DynamicBatcher(fn, max_batch_size=8, max_delay_ms=0, max_queue=100, executor=pool, concurrency=2)
+            first = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
+            await asyncio.sleep(0)
+            while len(started) < 1:
+                await asyncio.sleep(0.001)
+            rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 8)]
+            results = await asyncio.gather(*first, *rest)
+            await b.close()
+            return b, results
+
+    b, results = run(main())
+    assert [r.value for r in results] == [i * 10 for i in range(8)]
+    assert b.max_inflight == 2
+    assert b.stats.failed == 0
+    assert sorted(x for batch in started for x in batch) == list(range(8))
+
+
+def test_concurrency_one_never_overlaps_batches():
+    active, peak = [0], [0]
+    lock = threading.Lock()
+
+    def fn(items):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.005)
+        with lock:
+            active[0] -= 1
+        return list(items)
+
+    async def main():
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            b = DynamicBatcher(fn, max_batch_size=2, max_delay_ms=0, max_queue=100, executor=pool)
+            await asyncio.gather(*(b.submit(i) for i in range(20)))
+            await b.close()
+            return b
+
+    b = run(main())
+    assert peak[0] == 1 and b.max_inflight == 1
+
+
+def test_concurrency_is_validated():
+    with pytest.raises(ValueError, match="concurrency"):
+        DynamicBatcher(Recorder(), max_batch_size=1, max_delay_ms=1, max_queue=1, concurrency=0)

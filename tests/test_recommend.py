@@ -3,6 +3,7 @@ was built with the sample's synthetic shoppers), over real gRPC."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 
@@ -221,6 +222,57 @@ def test_upserted_items_are_searchable_filterable_recommendable(live, pb):
     assert stub.SimilarItems(pb.SimilarItemsRequest(item_id="NEW-1", k=3)).items
     info = stub.GetInfo(pb.GetInfoRequest())
     assert info.item_count == 325 and info.index_size == 325
+
+
+def test_upserts_land_while_two_compute_threads_serve(sample_bundle, tmp_path, pb):
+    """Live catalog changes grow the FAISS index in place; with two compute threads they must wait for
+    the running batches and keep new ones out (ComputeGate). Searches, SimilarItems and Recommend run
+    from eight threads while twenty upserts land one by one: every call succeeds, and each new item is
+    found by its own title at once."""
+    from server.stubs import pb_grpc
+
+    gen = serve(sample_bundle, state_dir=tmp_path / "state", compute_workers=2)
+    srv = next(gen)
+    stop = threading.Event()
+    errors: list[Exception] = []
+    calls = [0]
+
+    def traffic(stub, n: int) -> None:
+        queries = ["drill", "paint roller", "garden hose", "led bulb"]
+        while not stop.is_set():
+            try:
+                if n % 3 == 0:
+                    stub.SimilarItems(pb.SimilarItemsRequest(item_id="SR-00002", k=5), timeout=30)
+                elif n % 3 == 1:
+                    recommend(stub, pb, "", recent=["SR-00002"], k=5)
+                else:
+                    assert len(stub.Search(pb.SearchRequest(query=queries[calls[0] % 4], k=5), timeout=30).items) == 5
+                calls[0] += 1
+            except Exception as exc:  # collected: an assertion in a thread would be lost
+                errors.append(exc)
+                return
+
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SearchRecommendStub(ch)
+            threads = [threading.Thread(target=traffic, args=(stub, n)) for n in range(8)]
+            for t in threads:
+                t.start()
+            for i in range(20):
+                item = new_item(pb, f"NEW-{i}", f"Quuxwidget Model{i} Hyperspanner", brand="Quux")
+                assert stub.UpsertItems(pb.UpsertItemsRequest(items=[item]), timeout=60).upserted == 1
+                assert ids(stub.Search(pb.SearchRequest(query=f"quuxwidget model{i} hyperspanner", k=1),
+                                       timeout=30)) == [f"NEW-{i}"]
+            stop.set()
+            for t in threads:
+                t.join(60)
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+    finally:
+        stop.set()
+        next(gen, None)
+    assert not errors, errors[:3]
+    assert calls[0] > 20
+    assert info.item_count == 344 and info.index_size == 344
 
 
 def test_changed_item_replaces_the_old_one(live, pb):
