@@ -3,19 +3,23 @@ size, no gRPC), the served system under closed-loop gRPC clients at rising concu
 batching on vs off (max batch 1) under the same load; plus start-up time and resident memory.
 
     python bench/serving_load.py [--bundle DIR] [--quick] [--json OUT]
+
+Each served level also reports the CPU (in cores) the server process and the load generator used:
+they share this machine.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchutil import ROOT, bench_bundle, median_s, table
+from benchutil import ROOT, bench_bundle, table
 
 
 def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]:
@@ -51,19 +55,55 @@ def search_engine(bundle_dir: Path, device: str = "cpu", dtype: str = "auto"):
     return engine
 
 
+def compute_layouts() -> list[tuple[int, int]]:
+    """(compute threads, torch threads) to measure in process: one thread with every core, and the
+    server's default plan (server.config.compute_plan) when that differs."""
+    from server.config import ServerConfig, available_cores, compute_plan
+
+    one = (1, available_cores())
+    plan = compute_plan(ServerConfig(bundle=Path(".")))
+    return [one] if plan == one else [one, plan]
+
+
 def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: float = 5.0,
                device: str = "cpu", dtype: str = "auto") -> dict:
+    """Throughput of engine.search_batch in a tight loop per batch size, on one thread and on as many
+    threads as the server computes batches with (each thread loops on its own batches)."""
+    import torch
+
     from server.types import SearchQuery
 
     engine = search_engine(bundle_dir, device, dtype)
     rows = []
-    for bs in sizes:
-        batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs, bs)]
-        it = iter(batches * 100)
-        sec = median_s(lambda: engine.search_batch(next(it)), repeat=5, min_time=seconds)
-        rows.append({"batch": bs, "queries_per_s": bs / sec, "ms_per_batch": 1000 * sec})
+    before = torch.get_num_threads()
+    for workers, threads in compute_layouts():
+        torch.set_num_threads(threads)
+        for bs in sizes:
+            batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs, bs)]
+            engine.search_batch(batches[0])
+            durations: list[float] = []
+            stop = time.monotonic() + seconds
+
+            def loop(offset: int) -> None:
+                i = offset
+                while time.monotonic() < stop:
+                    t0 = time.perf_counter()
+                    engine.search_batch(batches[i % len(batches)])
+                    durations.append(time.perf_counter() - t0)
+                    i += workers
+
+            t0 = time.monotonic()
+            pool = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            wall = time.monotonic() - t0
+            rows.append({"threads": workers, "torch_threads": threads, "batch": bs,
+                         "queries_per_s": bs * len(durations) / wall, "ms_per_batch": 1000 * float(np.median(durations))})
+    torch.set_num_threads(before)
     best = max(rows, key=lambda r: r["queries_per_s"])
-    return {"rows": rows, "best_batch": best["batch"], "limit_qps": best["queries_per_s"]}
+    return {"rows": rows, "best_batch": best["batch"], "best_threads": best["threads"], "limit_qps": best["queries_per_s"]}
 
 
 def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
@@ -98,6 +138,19 @@ def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
             "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
 
 
+def _measured(fn, server_pid: int) -> dict:
+    """Run one load level; add the CPU (in cores) the server process and this load generator used."""
+    import psutil
+
+    server = psutil.Process(server_pid)
+    s0, c0, w0 = sum(server.cpu_times()[:2]), sum(os.times()[:2]), time.monotonic()
+    row = fn()
+    wall = time.monotonic() - w0
+    row["server_cpu"] = (sum(server.cpu_times()[:2]) - s0) / wall
+    row["client_cpu"] = (sum(os.times()[:2]) - c0) / wall
+    return row
+
+
 def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), device: str = "cpu",
            dtype: str = "auto") -> dict:
     import psutil
@@ -106,7 +159,7 @@ def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), de
 
     with ServedBundle(bundle_dir, device=device, extra_args=("--dtype", dtype, *extra)) as srv:
         closed_loop(srv.stub, pb, qs, 4, 1.0)  # connections up, caches warm
-        rows = [closed_loop(srv.stub, pb, qs, c, seconds) for c in levels]
+        rows = [_measured(lambda: closed_loop(srv.stub, pb, qs, c, seconds), srv.proc.pid) for c in levels]
         rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
         return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows}
 
@@ -115,7 +168,7 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
     """In-process limit, served sweep and batching on/off, all with one encoder precision."""
     qs = queries(bundle_dir)
     secs = 4.0 if quick else 10.0
-    limit = in_process(bundle_dir, qs, (16, 32, 64) if quick else (8, 16, 32, 64), seconds=secs, device=device,
+    limit = in_process(bundle_dir, qs, (4, 8, 16, 32, 64), seconds=secs, device=device,
                        dtype=dtype)
     levels = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
     on = served(bundle_dir, qs, levels, secs, device=device, dtype=dtype)
@@ -135,11 +188,11 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
 
 def report(res: dict) -> str:
     lines = [f"in-process limit ({res['queries']} queries; encode + retrieve + rerank, no gRPC):",
-             table(res["in_process"]["rows"], ["batch", "queries_per_s", "ms_per_batch"]),
+             table(res["in_process"]["rows"], ["threads", "torch_threads", "batch", "queries_per_s", "ms_per_batch"]),
              "", "served, closed-loop gRPC Search clients (dynamic batching on):",
-             table(res["served"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors"]),
+             table(res["served"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]),
              "", "32 clients, batching off (max batch 1):",
-             table([res["unbatched_32"]], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors"]), "",
+             table([res["unbatched_32"]], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]), "",
              f"served_qps_p99_50ms {res['served_qps_p99_50ms']:.1f}; served_over_inprocess {res['served_over_inprocess']:.2f}; "
              f"batching_gain {res['batching_gain']:.2f}x (p99 {res['batching_p99_ms']:.0f} vs {res['unbatched_p99_ms']:.0f} ms); "
              f"startup_s {res['startup_s']:.1f}; rss_mb {res['rss_mb']:.0f}"]
