@@ -2,7 +2,7 @@
 size, no gRPC), the served system under closed-loop gRPC clients at rising concurrency, and dynamic
 batching on vs off (max batch 1) under the same load; plus start-up time and resident memory.
 
-    python bench/serving_load.py [--bundle DIR] [--quick] [--json OUT]
+    python bench/serving_load.py [--bundle DIR] [--quick] [--dtype int8] [--server-args "--compute-workers 1"] [--json OUT]
 
 Each served level also reports the CPU (in cores) the server process and the load generator used:
 they share this machine.
@@ -164,21 +164,23 @@ def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), de
         return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows}
 
 
-def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str = "auto") -> dict:
-    """In-process limit, served sweep and batching on/off, all with one encoder precision."""
+def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str = "auto",
+        server_args: tuple[str, ...] = ()) -> dict:
+    """In-process limit, served sweep and batching on/off, all with one encoder precision; server_args
+    go to both served servers (e.g. ("--compute-workers", "1") for the one-thread layout)."""
     qs = queries(bundle_dir)
     secs = 4.0 if quick else 10.0
     limit = in_process(bundle_dir, qs, (4, 8, 16, 32, 64), seconds=secs, device=device,
                        dtype=dtype)
     levels = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
-    on = served(bundle_dir, qs, levels, secs, device=device, dtype=dtype)
+    on = served(bundle_dir, qs, levels, secs, extra=server_args, device=device, dtype=dtype)
     ok = [r for r in on["rows"] if r["p99_ms"] <= 50.0]
     best = max(ok, key=lambda r: r["qps"]) if ok else None
-    off = served(bundle_dir, qs, (32,), secs, extra=("--max-batch-size", "1"), device=device, dtype=dtype)
+    off = served(bundle_dir, qs, (32,), secs, extra=(*server_args, "--max-batch-size", "1"), device=device, dtype=dtype)
     on32 = next(r for r in on["rows"] if r["clients"] == 32)
     off32 = off["rows"][0]
     return {
-        "bundle": str(bundle_dir), "device": device, "dtype": dtype, "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
+        "bundle": str(bundle_dir), "device": device, "dtype": dtype, "server_args": list(server_args), "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
         "served_qps_p99_50ms": best["qps"] if best else 0.0,
         "served_over_inprocess": (best["qps"] if best else 0.0) / limit["limit_qps"],
         "batching_gain": on32["qps"] / off32["qps"], "batching_p99_ms": on32["p99_ms"], "unbatched_p99_ms": off32["p99_ms"],
@@ -205,9 +207,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the encoder; FAISS is on the GPU only with faiss-gpu)")
     p.add_argument("--dtype", default="auto", help="encoder precision, in process and served (the server's --dtype)")
+    p.add_argument("--server-args", default="", help='extra flags for both served servers, e.g. "--compute-workers 1"')
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    res = run(args.bundle or bench_bundle(), args.quick, args.device, args.dtype)
+    res = run(args.bundle or bench_bundle(), args.quick, args.device, args.dtype, tuple(args.server_args.split()))
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
