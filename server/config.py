@@ -33,8 +33,8 @@ class ServerConfig:
     candidates: int = 100  # dense and lexical candidates per query before reranking
     exact_filter_max: int = 4096  # filtered subsets this small are searched exactly
     # Compute threads: batches (and SimilarItems) run on this many threads at once. 0 = auto: 2 where the
-    # process has >= 2 cores. On this 2-core CPU two batches at once ran twice the queries of one at every
-    # batch size from 1 to 8 (single-threaded stages -- tokenizing, BM25, trees -- left a core idle).
+    # process has >= 2 cores. On this 2-core CPU two batches at once ran 2.1x the queries of one at batch 1
+    # and 4, 1.7x at 8 (single-threaded stages -- tokenizing, BM25, trees -- left a core idle).
     compute_workers: int = 0
     torch_threads: int = 0  # 0 = auto: the process's cores divided among the compute threads
     grace_s: float = 5.0
