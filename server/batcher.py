@@ -132,6 +132,11 @@ class DynamicBatcher(Generic[T, R]):
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def in_flight(self) -> int:
+        """Batches being computed now (at most `concurrency`)."""
+        return self._inflight
+
     def start(self) -> None:
         """Start the worker task on the running loop (idempotent)."""
         if self._worker is None:

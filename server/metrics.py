@@ -86,13 +86,18 @@ class _StateCollector:
         depth = GaugeMetricFamily("searchrec_queue_depth", "requests waiting in a batcher queue", labels=["batcher"])
         counts = {k: CounterMetricFamily(f"searchrec_requests_{k}", f"requests {k} by the batchers", labels=["batcher"])
                   for k in ("rejected", "expired", "cancelled", "failed", "done")}
+        flight = GaugeMetricFamily("searchrec_batches_in_flight", "batches being computed now", labels=["batcher"])
         for b in runtime.batchers():
             kind = b.name.split("[", 1)[0]
             depth.add_metric([kind], b.queue_depth)
+            flight.add_metric([kind], b.in_flight)
         for kind, stats in (("search", h.stats), ("recommend", h.rec_stats), ("encode", h.encode_stats)):
             for k, fam in counts.items():
                 fam.add_metric([kind], getattr(stats, k))
         yield depth
+        yield flight
+        yield GaugeMetricFamily("searchrec_compute_threads", "threads that compute batches (batches run at once)",
+                                value=h.workers)
         yield from counts.values()
         bundle = runtime.bundle
         alive = len(bundle.items.id_to_row)

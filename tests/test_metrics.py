@@ -50,6 +50,8 @@ def test_metrics_count_what_happened(metered):
     assert value(text, "searchrec_compute_seconds_count", batcher="recommend") >= 1
     assert value(text, "searchrec_requests_done_total", batcher="search") >= 3
     assert value(text, "searchrec_queue_depth", batcher="search") == 0
+    assert value(text, "searchrec_batches_in_flight", batcher="search") == 0
+    assert value(text, "searchrec_compute_threads") == metered.server.workers >= 1
     assert value(text, "searchrec_items") == 324
     assert value(text, "searchrec_live_users") == 1 and value(text, "searchrec_event_log_bytes") > 0
     version = metered.server.holder.current.version
