@@ -23,16 +23,14 @@ def run(bundle_dir: Path, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), rep
 
     from common.encoding import TextEncoder
     from serving_load import queries as real_queries
-    from server.bundle import FAST_SCAN_BATCH_MAX, FAST_SCAN_K_FACTOR, load_bundle, small_batch_index
+    from server.bundle import FAST_SCAN_BATCH_MAX, FAST_SCAN_K_FACTOR, fp16_scan_index, load_bundle, small_batch_index
     from training.bundle_writer import overlap_recall
 
     bundle = load_bundle(bundle_dir)
     if bundle.index_type != "flat_ip":
         raise SystemExit(f"{bundle_dir}: index type {bundle.index_type} is not exact; nothing to compare")
     faiss.cvar.distance_compute_blas_threshold = 1  # as server.retrieval sets it
-    x = np.ascontiguousarray(bundle.vectors, dtype=np.float32)
-    fp16 = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    fp16.add(x)
+    fp16 = fp16_scan_index(bundle.vectors)
     t0 = time.perf_counter()
     fast, fast_batch_max = small_batch_index(bundle.index, bundle.vectors)  # what load_bundle builds, timed
     train_s = time.perf_counter() - t0

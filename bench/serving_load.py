@@ -69,15 +69,17 @@ def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: 
                device: str = "cpu", dtype: str = "auto") -> dict:
     """Throughput of engine.search_batch in a tight loop per batch size, on one thread and on as many
     threads as the server computes batches with (each thread loops on its own batches)."""
+    import faiss
     import torch
 
+    from server.runtime import use_threads
     from server.types import SearchQuery
 
     engine = search_engine(bundle_dir, device, dtype)
     rows = []
-    before = torch.get_num_threads()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
     for workers, threads in compute_layouts():
-        torch.set_num_threads(threads)
+        use_threads(threads)  # torch and FAISS, as the server sets them
         for bs in sizes:
             batches = [[SearchQuery(text=q, k=10) for q in qs[i:i + bs]] for i in range(0, len(qs) - bs, bs)]
             engine.search_batch(batches[0])
@@ -101,7 +103,8 @@ def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: 
             wall = time.monotonic() - t0
             rows.append({"threads": workers, "torch_threads": threads, "batch": bs,
                          "queries_per_s": bs * len(durations) / wall, "ms_per_batch": 1000 * float(np.median(durations))})
-    torch.set_num_threads(before)
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
     best = max(rows, key=lambda r: r["queries_per_s"])
     return {"rows": rows, "best_batch": best["batch"], "best_threads": best["threads"], "limit_qps": best["queries_per_s"]}
 

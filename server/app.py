@@ -10,9 +10,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import faiss
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,7 +19,7 @@ from server import IMPORTED_AT
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
 from server.config import ServerConfig, compute_plan
 from server.metrics import Metrics
-from server.runtime import RuntimeHolder
+from server.runtime import RuntimeHolder, use_threads
 from server.service import SearchRecommendService, add_to_server
 from server.stubs import SERVICE_NAME
 
@@ -61,8 +59,7 @@ class SearchrecServer:
         # Each compute thread encodes and searches with its share of the cores (two batches with every
         # core each oversubscribe them). Set after the first load: loading, tracing, training the
         # small-batch codes and the warm-up run alone and use every core.
-        torch.set_num_threads(self.torch_threads)
-        faiss.omp_set_num_threads(self.torch_threads)
+        use_threads(self.torch_threads)
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes)]
         on_denied = self.metrics.observe_denied if self.metrics is not None else None

@@ -156,9 +156,15 @@ def small_batch_index(index: faiss.Index, vectors: np.ndarray) -> tuple[faiss.In
         refine = faiss.IndexRefine(codes, index)  # re-scores against the bundle's flat index, no copy (faiss keeps both alive)
         refine.k_factor = float(FAST_SCAN_K_FACTOR)
         return refine, FAST_SCAN_BATCH_MAX
-    scan = faiss.IndexScalarQuantizer(dims, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    return fp16_scan_index(x), FP16_SCAN_BATCH_MAX
+
+
+def fp16_scan_index(vectors: np.ndarray) -> faiss.Index:
+    """An fp16 copy of item vectors, scanned query by query (half the bytes of the fp32 index)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    scan = faiss.IndexScalarQuantizer(x.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
     scan.add(x)  # fp16 values: encoded exactly
-    return scan, FP16_SCAN_BATCH_MAX
+    return scan
 
 
 def add_to_small_batch_index(scan: faiss.Index, vectors: np.ndarray) -> None:

@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
+import torch
 
 from common.encoding import TextEncoder
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
@@ -32,6 +34,12 @@ from server.recommend import warm as warm_rec
 from server.state import LiveState
 
 log = logging.getLogger(__name__)
+
+
+def use_threads(n: int) -> None:
+    """Threads each compute thread's torch and FAISS calls use (process-wide settings of both)."""
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
 
 
 class ComputeGate:
