@@ -6,17 +6,25 @@ numpy vectors. Precision follows DESIGN.md: float16 on CUDA; bfloat16 autocast o
 bf16 (AVX512-BF16/AMX); float32 otherwise, because emulated bf16 and fp16 are slower on CPU.
 int8 (dynamic quantization of the linear layers) is a CPU opt-in that trades a little ranking
 quality for query latency; see README "Performance".
+
+A traced encoder can be kept in a graph cache (TorchScript files keyed by the weights, torch version
+and precision): a later start loads the graph in ~0.1 s instead of importing the model code and tracing
+(~5 s here), and never imports transformers' modeling code.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,54 @@ def resolve_dtype(device: str, requested: str = "auto") -> str:
     return requested
 
 
+# Bump when what a cached graph holds, or how it is called, changes: older files are then ignored.
+GRAPH_FORMAT = 1
+# Run through a cached graph when it is loaded and compared with what the eager model gave for them
+# when the graph was traced: a file that does not compute the model's vectors is never served.
+PROBE_TEXTS = ("graph cache probe: 20v cordless drill kit", "a padded batch of two")
+PROBE_ATOL = 1e-4
+GRAPH_CACHE_KEEP = 8  # graphs kept per cache folder (the most recently used); one per encoder and precision
+
+
+def weight_digests(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of the files that define the encoder's computation (its config and weights)."""
+    out = {}
+    for name in ("config.json", "model.safetensors"):
+        h = hashlib.sha256()
+        with open(Path(model_dir) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
+
+
+def load_tokenizer(model_dir: str | Path, max_length: int):
+    """The model's tokenizer, set to pad to the longest text and truncate at max_length tokens.
+
+    With a tokenizer.json (every fast tokenizer) this is the `tokenizers` object itself, configured the
+    way transformers configures it for `tokenizer(texts, padding=True, truncation=True,
+    max_length=...)` -- the same ids (tested) without importing transformers (~2 s of the server's
+    start). Without one, transformers' AutoTokenizer.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    conf_path = model_dir / "tokenizer_config.json"
+    conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    pad = conf.get("pad_token") or "[PAD]"
+    pad = pad.get("content") if isinstance(pad, dict) else pad  # older configs hold an AddedToken dict
+    pad_id = tok.token_to_id(pad)
+    if pad_id is None:
+        raise ValueError(f"{model_dir}: pad token {pad!r} is not in the tokenizer's vocabulary")
+    tok.enable_truncation(max_length, stride=0, strategy="longest_first", direction=conf.get("truncation_side", "right"))
+    tok.enable_padding(direction=conf.get("padding_side", "right"), pad_id=pad_id,
+                       pad_type_id=int(conf.get("pad_token_type_id", 0)), pad_token=pad)
+    return tok
+
+
 class TextEncoder:
     """Encode texts into L2-normalised float32 vectors with a local Hugging Face model."""
 
@@ -91,7 +147,12 @@ class TextEncoder:
         pooling: str = "mean",
         normalize: bool = True,
         trace: bool = False,
+        graph_cache: str | Path | None = None,
+        digests: dict[str, str] | None = None,
     ) -> None:
+        """`graph_cache`: a folder where traced graphs are kept and looked up (None = trace every time).
+        `digests`: the sha256 of config.json and model.safetensors when the caller has verified them
+        already (a bundle's manifest); otherwise they are computed from the files (~0.2 s)."""
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.model_dir = Path(model_dir)
@@ -100,20 +161,53 @@ class TextEncoder:
         self.max_length = max_length
         self.pooling = pooling
         self.normalize = normalize
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self.tokenizer = load_tokenizer(self.model_dir, max_length)
         self._tokenizer_lock = threading.Lock()
+        self.dims = int(json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))["hidden_size"])
+        self._model: torch.nn.Module | None = None
+        self.graph_source = "none"  # none | traced | cache: where self.traced came from
+        # Small batches pay ~8 ms of Python/module overhead per forward on this CPU (batch 1: 19 ms eager,
+        # 13 ms traced, same outputs); a trace removes it. CPU fp32 and int8 only: autocast and fp16 are not traced.
+        self.traced = None
+        if trace and device == "cpu" and dtype in ("float32", "int8"):
+            self.traced = self._graph(graph_cache, digests)
+        else:
+            self._model = self._load_model()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The eager model (loaded on first use when the encoder runs a cached graph)."""
+        if self._model is None:
+            self._model = self._load_model()
+        return self._model
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModel
+
         # safetensors only: a pickled pytorch_model.bin is never loaded (no code runs from weight files).
         model = AutoModel.from_pretrained(self.model_dir, local_files_only=True, use_safetensors=True)
         model.eval()
-        if dtype == "float16":
+        if int(model.config.hidden_size) != self.dims:
+            raise ValueError(f"{self.model_dir}: model has {model.config.hidden_size}-d states, config.json {self.dims}")
+        if self.dtype == "float16":
             model = model.half()  # CUDA only (resolve_dtype enforces it)
-        if dtype == "int8":
+        if self.dtype == "int8":
             model = quantize_int8(model)
-        self.model = model.to(device)
-        self.dims = int(model.config.hidden_size)
-        # Small batches pay ~8 ms of Python/module overhead per forward on this CPU (batch 1: 19 ms eager,
-        # 13 ms traced, same outputs); a trace removes it. CPU fp32 and int8 only: autocast and fp16 are not traced.
-        self.traced = self._trace() if trace and device == "cpu" and dtype in ("float32", "int8") else None
+        return model.to(self.device)
+
+    def _tokenize(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        # A transformers fast tokenizer re-sets its padding/truncation state on every call, and a call on
+        # another thread then fails with "Already borrowed" (huggingface/transformers#47085): one at a time.
+        with self._tokenizer_lock:
+            if isinstance(self.tokenizer, Tokenizer):
+                found = self.tokenizer.encode_batch(list(texts))
+                ids = torch.tensor([e.ids for e in found], dtype=torch.long)
+                mask = torch.tensor([e.attention_mask for e in found], dtype=torch.long)
+            else:
+                batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt")
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+        return ids.to(self.device), mask.to(self.device)
 
     def _trace(self):
         class _Hidden(torch.nn.Module):
@@ -124,39 +218,102 @@ class TextEncoder:
             def forward(self, input_ids, attention_mask):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-        example = self.tokenizer(["trace the encoder", "with a padded batch of two"], padding=True, return_tensors="pt")
+        example = self._tokenize(["trace the encoder", "with a padded batch of two"])
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about shape checks that hold for every input here
-            traced = torch.jit.trace(_Hidden(self.model), (example["input_ids"], example["attention_mask"]),
-                                     check_trace=False, strict=False)
+            traced = torch.jit.trace(_Hidden(self.model), example, check_trace=False, strict=False)
             return torch.jit.freeze(traced.eval())
+
+    def _graph(self, cache: str | Path | None, digests: dict[str, str] | None):
+        """The traced graph: from the cache when a valid one is there, else traced (and then cached)."""
+        if cache is None:
+            self.graph_source = "traced"
+            return self._trace()
+        key = json.dumps({"format": GRAPH_FORMAT, "torch": torch.__version__, "device": self.device,
+                          "dtype": self.dtype, "files": digests or weight_digests(self.model_dir)}, sort_keys=True)
+        path = Path(cache) / f"encoder-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+        if path.is_file():
+            try:
+                graph = self._load_graph(path)
+                self.graph_source = "cache"
+                os.utime(path)  # recently used: pruning keeps it
+                log.info("encoder graph loaded from cache %s", path)
+                return graph
+            except (RuntimeError, OSError, ValueError, KeyError) as exc:
+                log.warning("encoder graph cache %s is unusable (%s); tracing the model again", path, exc)
+        graph = self._trace()
+        self.graph_source = "traced"
+        try:
+            self._save_graph(graph, path)
+            log.info("encoder graph traced and cached in %s", path)
+        except (RuntimeError, OSError) as exc:  # a read-only or full disk costs the next start a trace, nothing more
+            log.warning("encoder graph not cached (%s: %s)", type(exc).__name__, exc)
+        return graph
+
+    def _probe(self, forward) -> np.ndarray:
+        ids, mask = self._tokenize(PROBE_TEXTS)
+        with torch.inference_mode():
+            return self._pool(forward(ids, mask), mask)
+
+    def _load_graph(self, path: Path):
+        extra = {"searchrec.json": ""}
+        graph = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
+        meta = json.loads(extra["searchrec.json"])
+        expected = np.asarray(meta["probe"], dtype=np.float32)
+        got = self._probe(graph)
+        if got.shape != expected.shape:
+            raise ValueError(f"its probe vectors differ from the model's in shape ({got.shape} vs {expected.shape})")
+        if not np.allclose(got, expected, atol=PROBE_ATOL):
+            raise ValueError(f"its probe vectors differ from the model's by up to {np.abs(got - expected).max():.2e}")
+        return graph
+
+    def _save_graph(self, graph, path: Path) -> None:
+        eager = self._probe(lambda ids, mask: self.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+        traced = self._probe(graph)
+        if not np.allclose(traced, eager, atol=PROBE_ATOL):  # never cache a graph that disagrees with the model
+            raise RuntimeError(f"traced graph differs from the eager model by {np.abs(traced - eager).max():.2e}")
+        meta = {"format": GRAPH_FORMAT, "torch": torch.__version__, "dtype": self.dtype, "probe": eager.tolist()}
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written beside its final name and renamed: a crash mid-write leaves no half file under that name.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".encoder-", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.jit.save(graph, tmp, _extra_files={"searchrec.json": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        # One ~90 MB file per encoder and precision: a server that swaps in many fine-tuned bundles would
+        # otherwise fill the disk. The least recently used beyond GRAPH_CACHE_KEEP go.
+        kept = sorted(path.parent.glob("encoder-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[GRAPH_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
 
     def _autocast(self):
         if self.dtype == "bfloat16":
             return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
         return torch.autocast(device_type="cpu", enabled=False)
 
-    @torch.inference_mode()
-    def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        # A fast tokenizer re-sets its padding/truncation state on every call, and a call on another
-        # thread then fails with "Already borrowed" (huggingface/transformers#47085): one at a time.
-        with self._tokenizer_lock:
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        batch = batch.to(self.device)
-        if self.traced is not None:
-            hidden = self.traced(batch["input_ids"], batch["attention_mask"])
-        else:
-            with self._autocast():
-                hidden = self.model(**batch).last_hidden_state
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         hidden = hidden.float()
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        ids, mask = self._tokenize(texts)
+        if self.traced is not None:
+            hidden = self.traced(ids, mask)
+        else:
+            with self._autocast():
+                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self._pool(hidden, mask)
 
     def encode(self, texts: list[str], batch_size: int = 64, progress=None) -> np.ndarray:
         """Encode texts in length-sorted batches (less padding); rows come back in input order."""

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
-
-import transformers
 
 from common.encoding import DeviceError
 from server.access import AccessConfigError
@@ -45,7 +44,9 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = from_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    transformers.utils.logging.disable_progress_bar()
+    # No weight-loading progress bars in the server's log. Set before anything imports huggingface_hub
+    # (it reads this once); transformers itself is imported only if the encoder graph has to be traced.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     print("searchrec config:\n" + config.describe(), flush=True)
     try:
         asyncio.run(serve(config))

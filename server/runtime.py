@@ -158,6 +158,16 @@ def make_rec(bundle: Bundle, device: str, config: ServerConfig, live_counts: dic
     return rec
 
 
+def encoder_digests(bundle: Bundle) -> dict[str, str] | None:
+    """The encoder files' sha256 as the manifest records them (load_bundle has just verified them);
+    None when it does not list them (the encoder then hashes the files itself)."""
+    files, prefix = bundle.manifest["files"], str(bundle.encoder.get("path", "encoder")).rstrip("/") + "/"
+    try:
+        return {name: files[prefix + name] for name in ("config.json", "model.safetensors")}
+    except KeyError:
+        return None
+
+
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                   executor: Executor, stats: BatcherStats, live: LiveState | None = None,
                   rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None,
@@ -169,7 +179,7 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     enc = bundle.encoder
     encoder = TextEncoder(bundle.encoder_dir, device=device, dtype=dtype, max_length=int(enc.get("max_length", 128)),
                           pooling=enc.get("pooling", "mean"), normalize=bool(enc.get("normalize", True)),
-                          trace=config.encoder_trace)
+                          trace=config.encoder_trace, graph_cache=config.encoder_cache, digests=encoder_digests(bundle))
     if encoder.dims != int(enc["dims"]):
         raise BundleError(f"{path}: encoder produces {encoder.dims}-d vectors, manifest says {enc['dims']}")
     counts = live.item_counts if live is not None else {}

@@ -28,6 +28,14 @@ def data_dir() -> Path:
     return Path(os.environ.get("SEARCHREC_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory) -> Path:
+    """Servers the tests start as processes keep their encoder graphs here, not in ~/.cache."""
+    path = tmp_path_factory.mktemp("encoder-cache")
+    os.environ["SEARCHREC_ENCODER_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sample_bundle(tmp_path_factory) -> Path:
     from training.__main__ import main as training_main

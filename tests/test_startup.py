@@ -41,7 +41,8 @@ def test_missing_bundle_flag_is_a_usage_error():
     assert proc.returncode == 2 and "--bundle is required" in proc.stderr
 
 
-def test_sigterm_shuts_down_gracefully(sample_bundle):
+def _serve_once(sample_bundle, *args) -> tuple[str, list[str]]:
+    """Start `python -m server`, ask one Search, stop it; return its log and the result ids."""
     import re
     import signal
 
@@ -51,21 +52,53 @@ def test_sigterm_shuts_down_gracefully(sample_bundle):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--bundle", str(sample_bundle), "--port", "0",
-                             "--device", "cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--device", "cpu", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    log = []
     try:
         port = None
         for line in proc.stdout:
+            log.append(line)
             m = re.search(r"searchrec serving \S+ on [\d.]+:(\d+)", line)
             if m:
                 port = int(m.group(1))
                 break
-        assert port, "server never reported SERVING"
+        assert port, "server never reported SERVING:\n" + "".join(log)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            resp = pb_grpc.SearchRecommendStub(ch).Search(pb.SearchRequest(query="drill", k=2), timeout=30)
-            assert len(resp.items) == 2
+            resp = pb_grpc.SearchRecommendStub(ch).Search(pb.SearchRequest(query="cordless drill", k=5), timeout=30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    return "".join(log), [it.item_id for it in resp.items]
+
+
+def test_a_restart_loads_the_encoder_graph_the_first_start_cached(sample_bundle, tmp_path):
+    cache = tmp_path / "graphs"
+    first_log, first = _serve_once(sample_bundle, "--encoder-cache", str(cache))
+    assert "encoder_cache = " + str(cache) in first_log and "encoder graph traced and cached" in first_log
+    again_log, again = _serve_once(sample_bundle, "--encoder-cache", str(cache))
+    assert "encoder graph loaded from cache" in again_log
+    assert again == first and len(first) == 5
+
+
+def test_sigterm_shuts_down_gracefully(sample_bundle):
+    # _serve_once asks one Search, sends SIGTERM and requires exit status 0. No cache: traced, not kept.
+    log, ids = _serve_once(sample_bundle, "--encoder-cache", "none")
+    assert "encoder_cache = None" in log and "encoder graph" not in log and len(ids) == 5
+
+
+def test_encoder_cache_flag_defaults():
+    from server.config import default_cache_dir, from_args
+
+    env = {k: os.environ.pop(k) for k in ("SEARCHREC_ENCODER_CACHE", "XDG_CACHE_HOME") if k in os.environ}
+    try:
+        assert str(from_args(["--bundle", "b"]).encoder_cache) == default_cache_dir()
+        assert default_cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "searchrec")
+        os.environ["SEARCHREC_ENCODER_CACHE"] = "/srv/cache"
+        assert str(from_args(["--bundle", "b"]).encoder_cache) == "/srv/cache"
+        assert from_args(["--bundle", "b", "--encoder-cache", "none"]).encoder_cache is None
+    finally:
+        os.environ.pop("SEARCHREC_ENCODER_CACHE", None)
+        os.environ.update(env)
