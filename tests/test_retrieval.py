@@ -196,3 +196,23 @@ def test_int8_encoder_quantizes_every_linear_and_keeps_the_ranking():
     for q in (int8, traced):
         assert ((q.encode(queries) @ q.encode(titles).T).argmax(1) == np.arange(5)).all()
     np.testing.assert_allclose(traced.encode(queries, batch_size=2), int8.encode(queries, batch_size=2), atol=1e-5)
+
+
+def test_price_bounds_compare_in_float32_and_huge_ones_do_not_overflow():
+    import warnings
+
+    from server.retrieval import filter_mask
+    from server.types import Filters
+
+    class Items(SimpleNamespace):
+        def __len__(self):
+            return len(self.price)
+
+    items = Items(price=np.array([1.0, 9.99, np.nan, 250.0], np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in cast" would raise here
+        assert filter_mask(items, Filters(min_price=1e300)).tolist() == [False] * 4
+        assert filter_mask(items, Filters(max_price=1e300)).tolist() == [True, True, False, True]
+        assert filter_mask(items, Filters(min_price=-1e300, max_price=9.99)).tolist() == [True, True, False, False]
+        # 9.99 is the stored float32 9.98999977..., and a bound of 9.99 still matches it.
+        assert filter_mask(items, Filters(min_price=9.99)).tolist() == [False, True, False, True]
