@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from common.bundle_format import sha256_file
+
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -97,14 +99,7 @@ GRAPH_CACHE_KEEP = 8  # graphs kept per cache folder (the most recently used); o
 
 def weight_digests(model_dir: str | Path) -> dict[str, str]:
     """sha256 of the files that define the encoder's computation (its config and weights)."""
-    out = {}
-    for name in ("config.json", "model.safetensors"):
-        h = hashlib.sha256()
-        with open(Path(model_dir) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out[name] = h.hexdigest()
-    return out
+    return {name: sha256_file(Path(model_dir) / name) for name in ("config.json", "model.safetensors")}
 
 
 def load_tokenizer(model_dir: str | Path, max_length: int):

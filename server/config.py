@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=True)
     p.add_argument("--no-encoder-trace", dest="encoder_trace", action="store_false", default=True,
                    help="run the encoder eagerly instead of TorchScript-traced (only CPU fp32 and int8 trace)")
-    p.add_argument("--encoder-cache", type=_optional_path, default=_optional_path(_env("encoder_cache", default_cache_dir())),
+    p.add_argument("--encoder-cache", type=_optional_path, default=_env("encoder_cache", default_cache_dir()),
                    help="folder for traced encoder graphs, reused by later starts ('none' = trace at every start)")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
     p.add_argument("--state-dir", type=Path, default=_env("state_dir", None),
