@@ -2,10 +2,16 @@
 
 Loads a Hugging Face encoder from a local folder (never from a hub), pools token states the way the
 model was trained (MiniLM sentence-transformers: attention-masked mean, then L2) and returns float32
-numpy vectors. Precision follows DESIGN.md: float16 on CUDA; bfloat16 autocast on CPUs with native
-bf16 (AVX512-BF16/AMX); float32 otherwise, because emulated bf16 and fp16 are slower on CPU.
-int8 (dynamic quantization of the linear layers) is a CPU opt-in that trades a little ranking
-quality for query latency; see README "Performance".
+numpy vectors.
+
+Precision (`resolve_dtype`, measured in docs/cpu.md): float16 on CUDA; on CPU, bfloat16 where the CPU
+has native bf16 (AVX512-BF16/AMX), float32 otherwise. bfloat16 means the model's weights in bf16 (pooling
+in fp32), TorchScript-traced on CPU like fp32: on an AMX Xeon at one torch thread that ran queries 1.3x
+(batch 1) to 2.5x (batch 32) and catalog passages 2.4-3.3x faster than traced fp32, with vectors at
+cosine >= 0.9999 to fp32's; untraced bf16 autocast, the earlier default there, ran at 0.43x traced fp32
+at batch 1. Where bf16 is emulated it ran 1.7-5.6x slower than fp32: never the default there. int8
+(dynamic quantization of the linear layers) is a CPU opt-in that trades vector fidelity (mean cosine
+0.976 to fp32) for query latency; see docs/cpu.md.
 
 A traced encoder can be kept in a graph cache (TorchScript files keyed by the weights, torch version
 and precision): a later start loads the graph in ~0.1 s instead of importing the model code and tracing
@@ -27,24 +33,17 @@ import torch
 from tokenizers import Tokenizer
 
 from common.bundle_format import sha256_file
+from common.cpu import cpu_supports_bf16
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+TRACED_DTYPES = ("float32", "bfloat16", "int8")  # CPU precisions run as a TorchScript graph
 
 
 class DeviceError(RuntimeError):
     """The requested device or precision cannot be used on this machine."""
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (Linux /proc/cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,13 +73,20 @@ def resolve_device(requested: str) -> str:
 
 
 def resolve_dtype(device: str, requested: str = "auto") -> str:
-    """Pick the encoder precision for a device; refuse float16 on CPU (about 8x slower there)."""
+    """Pick the encoder precision for a device; refuse float16 on CPU (about 8x slower there).
+
+    auto: float16 on CUDA; on CPU bfloat16 where `cpu_supports_bf16()` (SEARCHREC_CPU_BF16 or the
+    CPU's flags), else float32. One precision for every batch size: a query's vector, and so its
+    answer, must not depend on which batch it shared (docs/cpu.md has the per-batch figures)."""
     if requested not in DTYPES:
         raise DeviceError(f"dtype must be one of {DTYPES}, got {requested!r}")
     if requested == "auto":
         if device.startswith("cuda"):
             return "float16"
-        return "bfloat16" if cpu_supports_bf16() else "float32"
+        try:
+            return "bfloat16" if cpu_supports_bf16() else "float32"
+        except ValueError as exc:  # a malformed SEARCHREC_CPU_BF16: a start-up error, not a guess
+            raise DeviceError(str(exc)) from exc
     if requested == "float16" and not device.startswith("cuda"):
         raise DeviceError("float16 is only used on CUDA; on CPU choose bfloat16, float32 or int8")
     if requested == "int8" and device.startswith("cuda"):
@@ -162,9 +168,9 @@ class TextEncoder:
         self._model: torch.nn.Module | None = None
         self.graph_source = "none"  # none | traced | cache: where self.traced came from
         # Small batches pay ~8 ms of Python/module overhead per forward on this CPU (batch 1: 19 ms eager,
-        # 13 ms traced, same outputs); a trace removes it. CPU fp32 and int8 only: autocast and fp16 are not traced.
+        # 13 ms traced, same outputs); a trace removes it. On CPU only (fp32, bf16, int8): CUDA runs eagerly.
         self.traced = None
-        if trace and device == "cpu" and dtype in ("float32", "int8"):
+        if trace and device == "cpu" and dtype in TRACED_DTYPES:
             self.traced = self._graph(graph_cache, digests)
         else:
             self._model = self._load_model()
@@ -186,6 +192,11 @@ class TextEncoder:
             raise ValueError(f"{self.model_dir}: model has {model.config.hidden_size}-d states, config.json {self.dims}")
         if self.dtype == "float16":
             model = model.half()  # CUDA only (resolve_dtype enforces it)
+        if self.dtype == "bfloat16":
+            # Weights and activations in bf16, pooling in fp32 (_pool): the same math traced or eager, so a
+            # cached graph can be checked against the eager model. Faster than autocast, which converts the
+            # fp32 weights at every call (docs/cpu.md).
+            model = model.to(torch.bfloat16)
         if self.dtype == "int8":
             model = quantize_int8(model)
         return model.to(self.device)
@@ -284,11 +295,6 @@ class TextEncoder:
         for old in kept[GRAPH_CACHE_KEEP:]:
             old.unlink(missing_ok=True)
 
-    def _autocast(self):
-        if self.dtype == "bfloat16":
-            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
-        return torch.autocast(device_type="cpu", enabled=False)
-
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         hidden = hidden.float()
         if self.pooling == "cls":
@@ -306,8 +312,7 @@ class TextEncoder:
         if self.traced is not None:
             hidden = self.traced(ids, mask)
         else:
-            with self._autocast():
-                hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return self._pool(hidden, mask)
 
     def encode(self, texts: list[str], batch_size: int = 64, progress=None) -> np.ndarray:

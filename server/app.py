@@ -53,8 +53,10 @@ class SearchrecServer:
 
     async def start(self) -> int:
         started = time.monotonic()
-        log.info("device %s, dtype %s; %d compute thread(s), %d torch thread(s)", self.device, self.dtype,
-                 self.workers, self.torch_threads)
+        cpu = self.holder.cpu
+        log.info("device %s, dtype %s; %d compute thread(s), %d torch thread(s); CPU %s, native bf16 %s (%s), flags %s",
+                 self.device, self.dtype, self.workers, self.torch_threads, cpu["cpu_model"] or "unknown",
+                 "yes" if cpu["native_bf16"] else "no", cpu["native_bf16_source"], " ".join(cpu["cpu_flags"]) or "-")
         await self.holder.load_initial(self.config.bundle)  # BundleError: refuse to start
         # Each compute thread encodes and searches with its share of the cores (two batches with every
         # core each oversubscribe them). Set after the first load: loading, tracing, training the

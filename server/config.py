@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cpu import available_cores
 from common.encoding import DTYPES
 
 MAX_QUERY_CHARS = 1000
@@ -100,14 +101,6 @@ class ServerConfig:
 
     def describe(self) -> str:
         return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity; os.cpu_count() where that is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def compute_plan(config: ServerConfig, cores: int | None = None) -> tuple[int, int]:

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 import torch
 
+from common.cpu import cpu_kind
 from common.encoding import TextEncoder
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
 from server.bundle import Bundle, BundleError, load_bundle
@@ -55,6 +56,12 @@ class ComputeGate:
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
+
+    @property
+    def writers_waiting(self) -> int:
+        """Catalog changes waiting for the running batches to finish."""
+        with self._cond:
+            return self._writers_waiting
 
     @contextmanager
     def shared(self) -> Iterator[None]:
@@ -220,6 +227,7 @@ class RuntimeHolder:
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.cpu = cpu_kind()  # reported by GetInfo and metrics beside the dtype it led to
         self.compute = compute
         self.workers = workers  # threads of `compute`: batches of one batcher run this many at once
         self.loader = loader

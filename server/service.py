@@ -238,6 +238,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             recommender=b.rec is not None, rec_users=len(b.rec.user_index) if b.rec is not None else 0,
             live_users=len(live.users) if live else 0, event_log_bytes=live.log.size if live and live.log else 0,
             live_items=len(live.items) if live else 0,
+            native_bf16=self.holder.cpu["native_bf16"], cpu_flags=self.holder.cpu["cpu_flags"],
             batcher=pb.BatcherInfo(
                 max_batch_size=cfg.max_batch_size, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue,
                 batches_run=s.batches_run, mean_batch_size=s.mean_batch_size, mean_queue_ms=s.mean_queue_ms,

@@ -2,6 +2,11 @@
 
 The server runs on its own event loop in a background thread; tests talk to it with ordinary
 synchronous gRPC channels, the way internal services do.
+
+CPU kinds: whether this CPU has native bf16 decides the default encoder precision. Tests that depend
+on it take the `cpu_kind` fixture, which runs them once as each kind (SEARCHREC_CPU_BF16=1 / 0), so both
+paths run on any machine. `pytest --cpu-kind other` runs the whole suite as the kind this CPU is not
+(`.ci/run` does that for the server tests); the header of every run says which kind it used.
 """
 from __future__ import annotations
 
@@ -23,6 +28,41 @@ sys.path.insert(0, str(ROOT))
 from loadtest.hostile import field_of  # noqa: E402,F401  (one helper for tests and the reliability report)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-kind", choices=("detect", "bf16", "plain", "other"), default="detect",
+                     help="treat the CPU as having native bf16 (bf16), as not (plain), as the kind it is not "
+                          "(other), or as it is (detect: SEARCHREC_CPU_BF16 or /proc/cpuinfo)")
+
+
+def pytest_configure(config):
+    from common.cpu import OVERRIDE_ENV, native_bf16_detected
+
+    kind = config.getoption("--cpu-kind")
+    if kind == "other":
+        kind = "plain" if native_bf16_detected() else "bf16"
+    if kind in ("bf16", "plain"):
+        # Set before any server, build or subprocess starts: all of them read it (common.cpu).
+        os.environ[OVERRIDE_ENV] = "1" if kind == "bf16" else "0"
+
+
+def pytest_report_header(config):
+    from common.cpu import cpu_kind
+
+    k = cpu_kind()
+    return (f"cpu: {k['cpu_model'] or 'unknown'}, {k['cores']} cores; native bf16: {'yes' if k['native_bf16'] else 'no'} "
+            f"({k['native_bf16_source']}); flags: {' '.join(k['cpu_flags']) or '-'}")
+
+
+@pytest.fixture(params=["bf16", "plain"])
+def cpu_kind(request, monkeypatch) -> str:
+    """Run the test as a CPU with native bf16 and as one without; yields the CPU default precision
+    (`bfloat16` / `float32`) that the kind must get. Processes the test starts inherit the kind."""
+    from common.cpu import OVERRIDE_ENV
+
+    monkeypatch.setenv(OVERRIDE_ENV, "1" if request.param == "bf16" else "0")
+    return "bfloat16" if request.param == "bf16" else "float32"
+
+
 def data_dir() -> Path:
     """The shared real-data directory (SEARCHREC_DATA_DIR, default ../shared/data)."""
     return Path(os.environ.get("SEARCHREC_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -41,9 +81,11 @@ def sample_bundle(tmp_path_factory) -> Path:
     from training.__main__ import main as training_main
 
     out = tmp_path_factory.mktemp("bundles") / "sample"
+    # Bounded by epochs (early stopping ends it near 50 here, in ~8 s), not by the clock: the generous time
+    # cap only guards against a hang, so a slower machine trains the same model.
     assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--interactions",
                           str(SAMPLE / "interactions.csv"), "--out", str(out), "--name", "sample", "--device", "cpu",
-                          "--rec-minutes", "1", "--rec-epochs", "60"]) == 0
+                          "--rec-minutes", "20", "--rec-epochs", "60"]) == 0
     return out
 
 

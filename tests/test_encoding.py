@@ -71,6 +71,20 @@ def test_cached_graph_gives_the_traced_vectors_without_loading_the_model(encoder
     np.testing.assert_allclose(int8.encode(QUERIES), TextEncoder(encoder_dir, dtype="int8").encode(QUERIES), atol=1e-5)
 
 
+def test_a_bf16_graph_is_cached_and_gives_the_bf16_model_vectors(encoder_dir, tmp_path):
+    # bfloat16 asked for explicitly: traced and cached on any CPU kind (emulated where bf16 is not native).
+    from common.encoding import TextEncoder
+
+    first = TextEncoder(encoder_dir, dtype="bfloat16", trace=True, graph_cache=tmp_path)
+    again = TextEncoder(encoder_dir, dtype="bfloat16", trace=True, graph_cache=tmp_path)
+    assert (first.graph_source, again.graph_source) == ("traced", "cache") and again._model is None
+    np.testing.assert_array_equal(again.encode(QUERIES), first.encode(QUERIES))
+    np.testing.assert_allclose(again.encode(QUERIES), TextEncoder(encoder_dir, dtype="bfloat16").encode(QUERIES), atol=1e-5)
+    # An fp32 graph of the same weights is another file.
+    assert TextEncoder(encoder_dir, dtype="float32", trace=True, graph_cache=tmp_path).graph_source == "traced"
+    assert len(list(tmp_path.glob("encoder-*.pt"))) == 2
+
+
 def test_a_broken_or_foreign_graph_is_refused_and_traced_again(encoder_dir, tmp_path, caplog):
     import torch
 

@@ -181,27 +181,37 @@ def test_server_keeps_answering_after_bad_input(stub, pb):
 # --- admin, health, reflection, batching ------------------------------------------------------
 
 def test_get_info(stub, pb):
+    from common.cpu import cpu_flags, cpu_supports_bf16
+
     info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.bundle_version.startswith("sample-")
-    assert info.device == "cpu" and info.dtype in ("float32", "bfloat16")  # auto never picks int8
+    # The session's server runs --dtype auto: the default of the CPU kind this run treats it as
+    # (its flags, or SEARCHREC_CPU_BF16 / --cpu-kind); auto never picks int8.
+    assert info.device == "cpu" and info.native_bf16 == cpu_supports_bf16()
+    assert info.dtype == ("bfloat16" if cpu_supports_bf16() else "float32")
+    assert list(info.cpu_flags) == cpu_flags()
     assert info.index_type == "flat_ip" and info.index_size == 324 and info.item_count == 324
     assert info.dims == 384 and list(info.features)[0] == "dense"
     assert info.batcher.max_batch_size == 32 and info.batcher.max_queue > 0
 
 
-def test_int8_server_reports_it_and_answers_like_fp32(sample_bundle, stub, pb):
+@pytest.mark.parametrize("dtype, tolerance", [("int8", 0.1), ("bfloat16", 0.02)])
+def test_a_server_of_each_cpu_precision_reports_it_and_answers_like_fp32(sample_bundle, pb, dtype, tolerance):
+    # Each precision asked for explicitly (whatever this CPU's default), against an fp32 server.
     from server.stubs import pb_grpc
 
-    for srv in serve(sample_bundle, dtype="int8"):
-        with grpc.insecure_channel(srv.target) as ch:
-            s8 = pb_grpc.SearchRecommendStub(ch)
-            assert s8.GetInfo(pb.GetInfoRequest(), timeout=10).dtype == "int8"
-            for q in ("cordless drill", "garden hose", "office chair"):
-                r8 = {it.item_id: it.score for it in search(s8, pb, q, k=5).items}
-                r32 = {it.item_id: it.score for it in search(stub, pb, q, k=5).items}
-                # Same five products; near-ties may swap (scores move by ~0.01-0.03).
-                assert r8.keys() == r32.keys()
-                assert max(abs(r8[i] - r32[i]) for i in r8) < 0.1
+    for s32 in serve(sample_bundle, dtype="float32"):
+        for srv in serve(sample_bundle, dtype=dtype):
+            with grpc.insecure_channel(srv.target) as ch, grpc.insecure_channel(s32.target) as ch32:
+                other, fp32 = pb_grpc.SearchRecommendStub(ch), pb_grpc.SearchRecommendStub(ch32)
+                assert other.GetInfo(pb.GetInfoRequest(), timeout=10).dtype == dtype
+                assert fp32.GetInfo(pb.GetInfoRequest(), timeout=10).dtype == "float32"
+                for q in ("cordless drill", "garden hose", "office chair"):
+                    rq = {it.item_id: it.score for it in search(other, pb, q, k=5).items}
+                    r32 = {it.item_id: it.score for it in search(fp32, pb, q, k=5).items}
+                    # Same five products; near-ties may swap (int8 moves scores by ~0.01-0.03, bf16 less).
+                    assert rq.keys() == r32.keys()
+                    assert max(abs(rq[i] - r32[i]) for i in rq) < tolerance
 
 
 def test_concurrent_clients_are_batched(stub, pb):

@@ -74,13 +74,31 @@ def _serve_once(sample_bundle, *args) -> tuple[str, list[str]]:
     return "".join(log), [it.item_id for it in resp.items]
 
 
-def test_a_restart_loads_the_encoder_graph_the_first_start_cached(sample_bundle, tmp_path):
+def test_a_restart_loads_the_encoder_graph_the_first_start_cached(sample_bundle, tmp_path, cpu_kind):
+    # Run as each CPU kind (cpu_kind sets SEARCHREC_CPU_BF16 for the server processes): the default
+    # precision is that kind's, and either precision is traced, cached and loaded again.
     cache = tmp_path / "graphs"
     first_log, first = _serve_once(sample_bundle, "--encoder-cache", str(cache))
+    assert f"device cpu, dtype {cpu_kind};" in first_log
     assert "encoder_cache = " + str(cache) in first_log and "encoder graph traced and cached" in first_log
     again_log, again = _serve_once(sample_bundle, "--encoder-cache", str(cache))
-    assert "encoder graph loaded from cache" in again_log
+    assert "encoder graph loaded from cache" in again_log and f"device cpu, dtype {cpu_kind};" in again_log
     assert again == first and len(first) == 5
+
+
+def test_a_graph_is_cached_per_precision(sample_bundle, tmp_path):
+    # Each precision asked for explicitly: a graph of one is never served for the other.
+    cache = tmp_path / "graphs"
+    for dtype in ("float32", "bfloat16"):
+        log, ids = _serve_once(sample_bundle, "--encoder-cache", str(cache), "--dtype", dtype)
+        assert f"dtype {dtype};" in log and "encoder graph traced and cached" in log and len(ids) == 5
+    assert len(list(cache.glob("encoder-*.pt"))) == 2
+
+
+def test_a_malformed_cpu_override_is_a_startup_error(sample_bundle, monkeypatch):
+    monkeypatch.setenv("SEARCHREC_CPU_BF16", "maybe")
+    proc = run_server("--bundle", str(sample_bundle))
+    assert proc.returncode == 2 and "SEARCHREC_CPU_BF16 must be 1 or 0" in proc.stderr
 
 
 def test_sigterm_shuts_down_gracefully(sample_bundle):
