@@ -146,7 +146,7 @@ def _pipeline(args, out: Path, work: Path):
         raise DataError("give --dataset homedepot, or --catalog FILE with --judgments CSV")
     ft = FinetuneConfig(method=args.method, max_minutes=args.max_minutes, max_steps=args.max_steps,
                         batch_size=args.batch_size, epochs=args.epochs, eval_every=args.eval_every,
-                        freeze_layers=args.freeze_layers)
+                        freeze_layers=args.freeze_layers, bf16=dtype == "bfloat16" if device == "cpu" else None)
     cfg = PipelineConfig(work=work, out=out, name=getattr(args, "name", None) or name,
                          pretrained=args.encoder or default_encoder_dir(), device=device, dtype=dtype, finetune=ft,
                          evaluate=args.evaluate)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from common.encoding import cpu_supports_bf16
+from common.cpu import cpu_supports_bf16
 from training.metrics import ndcg_at
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class FinetuneConfig:
     lora_alpha: int = 32
     warmup_steps: int = 20
     item_chunks: int = 2  # items of a step are encoded in this many length-sorted groups (less padding)
+    # CPU: bf16 autocast (fp32 master weights). None = where the CPU has native bf16; the CLI sets it from
+    # the build's resolved --dtype, so `--dtype float32` trains in fp32 on any CPU. CUDA always autocasts.
+    bf16: bool | None = None
 
 
 @dataclass
@@ -175,7 +178,7 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
     else:
         raise ValueError(f"method must be 'full' or 'lora', got {cfg.method!r}")
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    use_bf16 = device == "cpu" and cpu_supports_bf16()
+    use_bf16 = device == "cpu" and (cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16)
     report.precision = "bfloat16 autocast" if use_bf16 or device.startswith("cuda") else "float32"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     batches = [b for _ in range(cfg.epochs) for b in make_batches(pairs, cfg.batch_size, rng)]

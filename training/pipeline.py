@@ -213,7 +213,9 @@ class Pipeline:
         rng.shuffle(queries)
         cut = max(1, int(len(queries) * 0.8))
         train_q, valid_q = queries[:cut], queries[cut:] or queries[:1]
-        searcher = StageSearcher(self.cfg.work / "stage", device=self.cfg.device, candidates=self.cfg.candidates)
+        # Queries encoded in the precision the server will run on this machine: features as served.
+        searcher = StageSearcher(self.cfg.work / "stage", device=self.cfg.device, candidates=self.cfg.candidates,
+                                 dtype=self.cfg.dtype)
         t0 = time.perf_counter()
         train, valid = searcher.gather(train_q), searcher.gather(valid_q)
         gather_s = time.perf_counter() - t0
@@ -277,11 +279,14 @@ class Pipeline:
         fp = self.fingerprints()
         ft = asdict(self.cfg.finetune)
         self._step("prepare", {"inputs": fp}, self.prepare)
-        self._step("zero_shot", {"inputs": fp, "pretrained": str(self.cfg.pretrained)}, self.zero_shot)
+        # The precision is part of each encoding step's key: a work dir reused with another --dtype (or
+        # on a CPU of the other kind, where auto resolves differently) encodes again.
+        self._step("zero_shot", {"inputs": fp, "pretrained": str(self.cfg.pretrained), "dtype": self.cfg.dtype},
+                   self.zero_shot)
         self._step("mine", {"inputs": fp}, self.mine)
         self._step(f"finetune_{ft['method']}", {"inputs": fp, "finetune": ft}, self.finetune)
-        self._step("stage", {"inputs": fp, "finetune": ft}, self.stage)
-        self._step("rerank", {"inputs": fp, "finetune": ft, "candidates": self.cfg.candidates,
+        self._step("stage", {"inputs": fp, "finetune": ft, "dtype": self.cfg.dtype}, self.stage)
+        self._step("rerank", {"inputs": fp, "finetune": ft, "dtype": self.cfg.dtype, "candidates": self.cfg.candidates,
                               "features": list(FEATURE_NAMES)}, self.rerank)
         t0 = time.perf_counter()
         manifest = self.assemble()

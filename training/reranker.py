@@ -43,7 +43,7 @@ class CandidateSet:
 class StageSearcher:
     """Reads a (stage) bundle's retrieval artifacts and gathers candidates + features like the server."""
 
-    def __init__(self, bundle: Path, device: str = "cpu", candidates: int = 100) -> None:
+    def __init__(self, bundle: Path, device: str = "cpu", candidates: int = 100, dtype: str = "float32") -> None:
         manifest = bf.read_manifest(bundle)
         self.candidates = candidates
         self.items = pd.read_parquet(bundle / manifest["items"]["file"])
@@ -56,7 +56,7 @@ class StageSearcher:
         self.is_number = number_tokens(words)
         self.popularity = np.load(bundle / manifest["popularity"]["file"], allow_pickle=False).astype(np.float32)
         enc = manifest["encoder"]
-        self.encoder = TextEncoder(bundle / enc["path"], device=device, dtype="float32",
+        self.encoder = TextEncoder(bundle / enc["path"], device=device, dtype=dtype,
                                    max_length=int(enc.get("max_length", 128)))
         n = len(self.items)
         # Home Depot and most judgment sets carry no category/brand; the kernels take empty tables then.

@@ -80,6 +80,10 @@ class ServedBundle:
             req.filters.item_ids.extend(item_ids)
         return self.stub.Search(req, timeout=timeout)
 
+    def info(self, timeout: float = 30.0):
+        """The server's GetInfo (bundle, device, dtype, CPU flags)."""
+        return self.stub.GetInfo(pb.GetInfoRequest(), timeout=timeout)
+
     def __exit__(self, *exc) -> None:
         if self.channel is not None:
             self.channel.close()
