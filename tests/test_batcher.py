@@ -16,6 +16,14 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait for a state, not for a guess of how long reaching it takes (a loaded machine is slow)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        await asyncio.sleep(0.001)
+
+
 class Recorder:
     """A batch function that records the batches it saw, optionally blocking until released."""
 
@@ -23,8 +31,10 @@ class Recorder:
         self.batches: list[list] = []
         self.fail_on = fail_on
         self.gate = gate
+        self.started = threading.Event()  # set when the first batch begins computing
 
     def __call__(self, items):
+        self.started.set()
         if self.gate is not None:
             self.gate.wait(10)
         self.batches.append(list(items))
@@ -146,12 +156,11 @@ def test_cancelled_calls_are_removed_and_never_computed():
         b = DynamicBatcher(fn, max_batch_size=1, max_delay_ms=0, max_queue=2,
                            executor=ThreadPoolExecutor(1))
         blocker = asyncio.ensure_future(b.submit(1))
-        await asyncio.sleep(0.05)
+        await until(fn.started.is_set)  # 1 occupies the only compute thread
         waiting = asyncio.ensure_future(b.submit(2))
-        await asyncio.sleep(0.02)
-        assert b.queue_depth == 1
+        await until(lambda: b.queue_depth == 1)
         waiting.cancel()
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # one loop turn: the cancellation lands
         depth_after_cancel = b.queue_depth  # the slot is free at once
         gate.set()
         await blocker
@@ -167,25 +176,25 @@ def test_cancelled_calls_are_removed_and_never_computed():
 def test_full_queue_is_rejected_at_once():
     async def main():
         gate = threading.Event()
-        b = DynamicBatcher(Recorder(gate=gate), max_batch_size=1, max_delay_ms=0, max_queue=2,
-                           executor=ThreadPoolExecutor(1))
+        fn = Recorder(gate=gate)
+        b = DynamicBatcher(fn, max_batch_size=1, max_delay_ms=0, max_queue=2, executor=ThreadPoolExecutor(1))
         running = asyncio.ensure_future(b.submit(0))
-        await asyncio.sleep(0.05)  # 0 is computing, the queue is empty
+        await until(fn.started.is_set)  # 0 is computing, the queue is empty
         queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
-        started = time.monotonic()
+        await until(lambda: b.queue_depth == 2)
         with pytest.raises(Overloaded, match="queue is full"):
             await b.submit(3)
-        rejected_in = time.monotonic() - started
+        # Refused while the gate still holds everything ahead of it: the refusal did not wait for the queue.
+        still_pending = not gate.is_set() and not any(f.done() for f in (running, *queued))
         gate.set()
         done = await asyncio.gather(running, *queued)
         await b.close()
-        return done, b.stats, rejected_in
+        return done, b.stats, still_pending
 
-    done, stats, rejected_in = run(main())
+    done, stats, still_pending = run(main())
     assert [r.value for r in done] == [0, 10, 20]
     assert stats.rejected == 1
-    assert rejected_in < 1.0  # rejection does not wait for the queue to drain
+    assert still_pending
 
 
 def test_close_drains_the_queue_then_refuses_new_work():
@@ -228,6 +237,7 @@ class Slow(Recorder):
         self.seconds = seconds
 
     def __call__(self, items):
+        self.started.set()
         time.sleep(self.seconds)
         return super().__call__(items)
 
@@ -260,8 +270,9 @@ def test_an_idle_batcher_admits_short_deadlines_and_never_computes_expired_calls
         fn = Slow(0.2)
         b = DynamicBatcher(fn, max_batch_size=8, max_delay_ms=0, max_queue=10, executor=ThreadPoolExecutor(1))
         await b.submit(0)
+        fn.started.clear()
         blocker = asyncio.ensure_future(b.submit(1))  # computing for 0.2 s
-        await asyncio.sleep(0.01)
+        await until(fn.started.is_set)
         # Queue empty: admitted, but its deadline passes while it waits behind the running batch.
         with pytest.raises(DeadlineExpired):
             await b.submit(2, deadline=time.monotonic() + 0.05)

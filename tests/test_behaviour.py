@@ -118,7 +118,7 @@ def test_seqfile_build_and_served_evaluation(tmp_path):
     _seqfile(f)
     out, js = tmp_path / "bundle", tmp_path / "eval.json"
     assert main(["build", "--dataset", "seqfile", "--path", str(f), "--out", str(out), "--device", "cpu",
-                 "--rec-minutes", "1", "--rec-epochs", "40", "--no-evaluate"]) == 0
+                 "--rec-minutes", "20", "--rec-epochs", "40", "--no-evaluate"]) == 0  # epochs decide, not the clock
     assert main(["evaluate", "recommend", "--bundle", str(out), "--dataset", "seqfile", "--path", str(f),
                  "--json", str(js), "--device", "cpu"]) == 0
     res = json.loads(js.read_text())
@@ -141,7 +141,7 @@ def test_served_feedback_becomes_training_data(tmp_path):
     out = tmp_path / "bundle"
     assert main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--interactions", str(SAMPLE / "interactions.csv"),
                  "--events", str(tmp_path / "state"), "--out", str(out), "--device", "cpu",
-                 "--rec-minutes", "0.2", "--rec-epochs", "4"]) == 0
+                 "--rec-minutes", "20", "--rec-epochs", "4"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data_fingerprints"]["served_events"].startswith("2 of 3 events")
     users = pd.read_parquet(out / manifest["recommender"]["users"])["user_id"].tolist()

@@ -58,7 +58,10 @@ def test_exclusive_waits_for_shared_and_keeps_new_ones_out():
     assert reader_in.wait(10)
     w = threading.Thread(target=writer)
     w.start()
-    time.sleep(0.05)  # the writer is now waiting for r1
+    deadline = time.monotonic() + 10
+    while gate.writers_waiting != 1:  # the writer is now waiting for r1
+        assert time.monotonic() < deadline, "the writer never queued"
+        time.sleep(0.001)
     late = threading.Thread(target=reader, args=("r2",))
     late.start()
     time.sleep(0.05)  # r2 must queue behind the waiting writer, not slip in beside r1
