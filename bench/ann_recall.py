@@ -12,13 +12,12 @@ on (512 of the rerank split, as the training pipeline does), never on these.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchutil import bench_bundle, median_s, table
+from benchutil import bench_bundle, median_s, table, write_json
 
 
 NOISE = 0.01  # per dimension: a copy sits ~0.2 (in L2) from its original, like a product variant
@@ -89,7 +88,7 @@ def main() -> None:
     print(table(res["rows"], ["n", "index", "nprobe", "k_factor", "tuned_recall", "build_s", "recall@100", "exact_qps",
                               "ann_qps", "speedup"]))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ in the same process as its baseline, and ratios are ours / baseline (or baseline
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -40,6 +41,33 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+# Environment variables that cap the instruction sets torch's libraries use: set, they make this CPU
+# run as an older one (e.g. ONEDNN_MAX_CPU_ISA=AVX2 for a CPU without AVX-512/AMX). Recorded with results.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "SEARCHREC_CPU_BF16")
+
+
+def host() -> dict:
+    """The machine a result was measured on: CPU model, flags, native bf16, cores, ISA limits, torch."""
+    import platform
+
+    import torch
+
+    from common.cpu import cpu_kind
+
+    limits = {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)}
+    return {**cpu_kind(), "isa_limits": limits, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_json(path: Path, result: dict, **dump) -> dict:
+    """Write a benchmark's result with the machine it ran on (`cpu_flags` at the top: figures from CPUs
+    with and without native bf16 are not comparable). Returns what was written."""
+    facts = host()
+    out = {**result, "cpu_flags": facts["cpu_flags"], "native_bf16": facts["native_bf16"], "host": facts}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=dump.pop("indent", 2), **dump))
+    return out
 
 
 def bench_bundle() -> Path:

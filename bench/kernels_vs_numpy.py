@@ -6,13 +6,12 @@ the bench bundle: its real BM25 index, real candidates and, for trees, its Lambd
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from benchutil import bench_bundle, median_s, table  # importing benchutil puts the project on sys.path
+from benchutil import bench_bundle, median_s, table, write_json  # importing benchutil puts the project on sys.path
 
 
 def run(bundle_dir: Path, batch: int = 32, repeat: int = 5) -> dict:
@@ -95,7 +94,7 @@ def main() -> None:
     print(table(res["rows"], ["kernel", "numba_ms", "numpy_ms", "speedup"]))
     print(f"kernel_speedup (median of ratios) {res['kernel_speedup']:.1f}x, slowest kernel {res['kernel_speedup_min']:.1f}x")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

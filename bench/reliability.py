@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from benchutil import ROOT, table
+from benchutil import ROOT, table, write_json
 
 from loadtest import hostile, scenarios
 from server.stubs import pb
@@ -199,7 +199,7 @@ def main() -> None:
     ], ["part", "figure", "result"]))
     print("\nhostile inputs by kind:", json.dumps(hostile_report["by_kind"]))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_json(args.json, report, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=1))
     if args.plot:
         plot_overload(over, args.plot)

@@ -11,7 +11,6 @@ table under "details"). Each benchmark measures ours and its baseline in the sam
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import ann_recall as ann
 import encoder_throughput as encoder
 import kernels_vs_numpy as kernels
 import serving_load as serving
-from benchutil import bench_bundle
+from benchutil import bench_bundle, host, write_json
 
 
 def main() -> None:
@@ -34,13 +33,16 @@ def main() -> None:
     bundle = args.bundle or bench_bundle()
     started = time.perf_counter()
     details = {}
-    print(f"== bundle {bundle} on {platform.processor() or platform.machine()}, quick={args.quick}")
+    cpu = host()
+    print(f"== bundle {bundle} on {cpu['cpu_model'] or platform.machine()} ({cpu['cores']} cores), native bf16 "
+          f"{'yes' if cpu['native_bf16'] else 'no'}, flags {' '.join(cpu['cpu_flags'])}"
+          f"{', limits ' + str(cpu['isa_limits']) if cpu['isa_limits'] else ''}; quick={args.quick}")
     details["kernels"] = kernels.run(bundle)
     print("\n== 6. kernels vs numpy twins")
     print(kernels.table(details["kernels"]["rows"], ["kernel", "numba_ms", "numpy_ms", "speedup"]))
     details["encoder"] = encoder.run(bundle, "cpu", args.quick)
     print("\n== 1. encoder throughput")
-    print(encoder.table(details["encoder"]["rows"], list(details["encoder"]["rows"][0])))
+    print(encoder.summary(details["encoder"]))
     details["ann"] = ann.run(bundle, 200_000 if args.quick else 1_000_000)
     print("\n== 5. ANN vs exact")
     print(ann.table(details["ann"]["rows"], list(details["ann"]["rows"][0])))
@@ -54,9 +56,10 @@ def main() -> None:
         "ann_n": details["ann"]["ann_n"], "kernel_speedup": details["kernels"]["kernel_speedup"],
         "startup_s": s["startup_s"], "startup_first_s": s["startup_first_s"], "served_qps_p99_50ms": s["served_qps_p99_50ms"], "rss_mb": s["rss_mb"],
     }
-    out = {**headline, "quick": args.quick, "dtype": args.dtype, "bundle": str(bundle), "seconds": time.perf_counter() - started,
+    out = {**headline, "quick": args.quick, "dtype": args.dtype, "served_dtype": s["served_dtype"], "bundle": str(bundle),
+           "seconds": time.perf_counter() - started,
            "details": details}
-    args.json.write_text(json.dumps(out, indent=2, default=float))
+    out = write_json(args.json, out, default=float)
     print("\n== headline")
     for k, v in headline.items():
         print(f"  {k:24} {v:.3f}" if isinstance(v, float) else f"  {k:24} {v}")

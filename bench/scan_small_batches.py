@@ -9,13 +9,12 @@ against the exact search, over real queries (Home Depot test split when the data
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchutil import bench_bundle, median_s, table  # importing benchutil puts the project on sys.path
+from benchutil import bench_bundle, median_s, table, write_json  # importing benchutil puts the project on sys.path
 
 
 def run(bundle_dir: Path, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), repeat: int = 15) -> dict:
@@ -67,7 +66,7 @@ def main() -> None:
     print(f"top-100 overlap with the exact search over all {result['queries']} queries: {result['top100_overlap']}; "
           f"fast-scan codes built in {result['fastscan_train_s']:.1f} s (k_factor {result['k_factor']})")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

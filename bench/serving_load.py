@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchutil import ROOT, bench_bundle, table
+from benchutil import ROOT, bench_bundle, table, write_json
 
 
 def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]:
@@ -168,7 +168,8 @@ def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), de
         closed_loop(srv.stub, pb, qs, 4, 1.0)  # connections up, caches warm
         rows = [_measured(lambda: closed_loop(srv.stub, pb, qs, c, seconds), srv.proc.pid) for c in levels]
         rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
-        return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows}
+        info = srv.info()  # the precision the server resolved (auto differs between CPU kinds)
+        return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows, "served_dtype": info.dtype}
 
 
 def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str = "auto",
@@ -192,7 +193,8 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
     on32 = next(r for r in on["rows"] if r["clients"] == 32)
     off32 = off["rows"][0]
     return {
-        "bundle": str(bundle_dir), "device": device, "dtype": dtype, "server_args": list(server_args), "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
+        "bundle": str(bundle_dir), "device": device, "dtype": dtype, "served_dtype": on["served_dtype"],
+        "server_args": list(server_args), "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
         "served_qps_p99_50ms": best["qps"] if best else 0.0,
         "served_over_inprocess": (best["qps"] if best else 0.0) / limit["limit_qps"],
         "batching_gain": on32["qps"] / off32["qps"], "batching_p99_ms": on32["p99_ms"], "unbatched_p99_ms": off32["p99_ms"],
@@ -201,7 +203,8 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
 
 
 def report(res: dict) -> str:
-    lines = [f"in-process limit ({res['queries']} queries; encode + retrieve + rerank, no gRPC):",
+    lines = [f"encoder precision {res['served_dtype']} (--dtype {res['dtype']})",
+             f"in-process limit ({res['queries']} queries; encode + retrieve + rerank, no gRPC):",
              table(res["in_process"]["rows"], ["threads", "torch_threads", "batch", "queries_per_s", "ms_per_batch"]),
              "", "served, closed-loop gRPC Search clients (dynamic batching on):",
              table(res["served"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]),
@@ -226,7 +229,7 @@ def main() -> None:
     res = run(args.bundle or bench_bundle(), args.quick, args.device, args.dtype, tuple(args.server_args.split()))
     print(report(res))
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":
