@@ -127,6 +127,32 @@ def test_pipeline_writes_a_complete_evaluated_bundle(tiny_build):
     assert (tiny_build / "evaluation.png").stat().st_size > 1000
 
 
+def test_the_build_runs_and_records_the_precision_of_its_cpu_kind(tiny_build):
+    # --dtype auto: bf16 where this run treats the CPU as having native bf16 (--cpu-kind, SEARCHREC_CPU_BF16
+    # or its flags), fp32 elsewhere -- for fine-tuning, the catalog vectors and the evaluated server alike.
+    from common.cpu import cpu_flags, cpu_supports_bf16
+
+    manifest = json.loads((tiny_build / "manifest.json").read_text())
+    dtype = "bfloat16" if cpu_supports_bf16() else "float32"
+    assert manifest["finetune"]["precision"] == ("bfloat16 autocast" if dtype == "bfloat16" else "float32")
+    encoded = manifest["encoder"]["catalog_encoding"]
+    assert (encoded["dtype"], encoded["native_bf16"], encoded["cpu_flags"]) == (dtype, cpu_supports_bf16(), cpu_flags())
+    served = manifest["metrics"]["test"]["bundle"]
+    assert (served["dtype"], served["cpu_flags"]) == (dtype, cpu_flags())
+
+
+@pytest.mark.parametrize("dtype, bf16", [("float32", False), ("bfloat16", True)])
+def test_the_cli_precision_and_seed_reach_fine_tuning(tmp_path, dtype, bf16):
+    from training.__main__ import _parser, _pipeline
+
+    args = _parser().parse_args(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--judgments",
+                                 str(SAMPLE / "judgments.csv"), "--out", str(tmp_path / "b"), "--device", "cpu",
+                                 "--dtype", dtype, "--seed", "7"])
+    cfg = _pipeline(args, tmp_path / "b", tmp_path / "w").cfg
+    assert cfg.dtype == dtype and cfg.finetune.bf16 is bf16  # before, a bf16 CPU fine-tuned in bf16 whatever --dtype said
+    assert cfg.seed == cfg.finetune.seed == 7
+
+
 def test_pipeline_bundle_is_served_and_verified(tiny_build):
     from server.bundle import load_bundle
 
@@ -146,6 +172,26 @@ def test_pipeline_steps_are_restartable(tiny_build):
     assert rc == 0
     manifest = json.loads((tiny_build.parent / "again" / "manifest.json").read_text())
     assert all(v == 0.0 for k, v in manifest["timings"]["pipeline_s"].items() if k != "assemble")
+
+
+def test_a_work_dir_reused_with_another_precision_encodes_again(tiny_build):
+    # The first build ran --dtype auto; the other precision must not reuse its vectors or its fine-tuning.
+    import shutil
+
+    from common.cpu import cpu_supports_bf16
+
+    work = tiny_build.parent / "bundle.work.copy"  # a copy: the other tests' work directory stays as built
+    shutil.copytree(tiny_build.parent / "bundle.work", work)
+    other = "float32" if cpu_supports_bf16() else "bfloat16"
+    out = tiny_build.parent / f"again-{other}"
+    rc = training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--judgments", str(SAMPLE / "judgments.csv"),
+                        "--out", str(out), "--work", str(work), "--max-steps", "6", "--eval-every", "3",
+                        "--batch-size", "8", "--device", "cpu", "--dtype", other, "--no-evaluate"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    ran = {k for k, v in manifest["timings"]["pipeline_s"].items() if v > 0.0}
+    assert {"zero_shot", "finetune_full", "stage", "rerank"} <= ran and not {"prepare", "mine"} & ran
+    assert manifest["encoder"]["catalog_encoding"]["dtype"] == other
 
 
 def test_evaluate_cli_writes_json_and_plot(tiny_build, tmp_path):

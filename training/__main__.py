@@ -70,6 +70,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-layers", type=int, default=0,
                    help="full fine-tuning: keep embeddings and this many bottom layers frozen (faster steps)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fine-tuning batches and negatives, the dev queries, the reranker's split and "
+                        "the recommender's initialisation and batches")
     p.add_argument("--rec-minutes", type=float, default=15.0, help="recommender training time budget")
     p.add_argument("--rec-epochs", type=int, default=200, help="recommender epochs at most (early stopping decides)")
     p.add_argument("--rec-dims", type=int, default=64)
@@ -146,10 +149,11 @@ def _pipeline(args, out: Path, work: Path):
         raise DataError("give --dataset homedepot, or --catalog FILE with --judgments CSV")
     ft = FinetuneConfig(method=args.method, max_minutes=args.max_minutes, max_steps=args.max_steps,
                         batch_size=args.batch_size, epochs=args.epochs, eval_every=args.eval_every,
-                        freeze_layers=args.freeze_layers, bf16=dtype == "bfloat16" if device == "cpu" else None)
+                        freeze_layers=args.freeze_layers, bf16=dtype == "bfloat16" if device == "cpu" else None,
+                        seed=args.seed)
     cfg = PipelineConfig(work=work, out=out, name=getattr(args, "name", None) or name,
                          pretrained=args.encoder or default_encoder_dir(), device=device, dtype=dtype, finetune=ft,
-                         evaluate=args.evaluate)
+                         evaluate=args.evaluate, seed=args.seed)
     return Pipeline(cfg, prepare, inputs)
 
 
@@ -195,7 +199,7 @@ def cmd_build_rec(args: argparse.Namespace) -> int:
                         dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
                         max_length=args.max_length)
     cfg = SeqRecConfig(dims=args.rec_dims, max_len=args.rec_max_len, max_minutes=args.rec_minutes,
-                       max_epochs=args.rec_epochs, device=device,
+                       max_epochs=args.rec_epochs, device=device, seed=args.seed,
                        amp_dtype="bfloat16" if device.startswith("cuda") else "float32")
     manifest = build(inp, args.out, opts, cfg, args.evaluate, device)
     print(summary(manifest, args.out, started))
