@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks 1-3 on a CUDA machine, in one short run (about 3 minutes), for the device tool:
 #   bash bench/gpu_check.sh [BUNDLE]      -> $OUT/gpu_*.json (or out/) and the tables on stdout
-# Needs the project's environment with a CUDA build of torch (README "GPU"). faiss-gpu is not assumed:
+# Needs the project's environment with a CUDA build of torch (docs/gpu.md). faiss-gpu is not assumed:
 # the encoder runs fp16 on CUDA, FAISS stays on the CPU unless faiss-gpu is installed (GetInfo and
 # the server log say which). Not run yet: no device machine has been lent to this project so far.
 set -euo pipefail

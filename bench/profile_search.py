@@ -4,7 +4,7 @@ at batch 32, no gRPC) and a per-stage split from the engine's own timers.
     python bench/profile_search.py [--bundle DIR] [--batches 40] [--batch-size 32] [--dtype auto|int8] [--out PROFILE.txt]
 
 Prints the stage split (encode / retrieve / rank, medians per batch) and the functions with the most
-own time. Used to find the largest costs before changing anything; the README quotes before/after.
+own time. Used to find the largest costs before changing anything; docs/performance.md quotes before/after.
 """
 from __future__ import annotations
 
