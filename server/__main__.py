@@ -16,7 +16,8 @@ from server.access import AccessConfigError
 from server.app import create_server
 from server.bundle import BundleError
 from server.config import ServerConfig, from_args
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, Unavailable
+from server.store import StoreError
 
 log = logging.getLogger("server")
 
@@ -31,8 +32,8 @@ async def serve(config: ServerConfig) -> None:
 
     async def reload() -> None:
         try:
-            await server.holder.reload(None)
-        except FailedPrecondition as exc:
+            await server.reload(None)
+        except (FailedPrecondition, Unavailable) as exc:
             log.error("SIGHUP reload failed: %s", exc.message)
 
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
@@ -44,13 +45,17 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = from_args(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(config, list(sys.argv[1:] if argv is None else argv))
     # No weight-loading progress bars in the server's log. Set before anything imports huggingface_hub
     # (it reads this once); transformers itself is imported only if the encoder graph has to be traced.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     print("searchrec config:\n" + config.describe(), flush=True)
     try:
         asyncio.run(serve(config))
-    except (BundleError, DeviceError, AccessConfigError) as exc:
+    except (BundleError, DeviceError, AccessConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,6 +20,7 @@ from server import IMPORTED_AT
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
 from server.config import ServerConfig, compute_plan
 from server.metrics import Metrics
+from server.replica import Replica
 from server.runtime import RuntimeHolder, use_threads
 from server.service import SearchRecommendService, add_to_server
 from server.stubs import SERVICE_NAME
@@ -45,6 +47,7 @@ class SearchrecServer:
                             if config.tls_cert is not None else None)
         self.pseudonymise = Pseudonymiser.from_file(config.user_id_key) if config.user_id_key is not None else None
         self.holder = RuntimeHolder(config, self.device, self.dtype, self.compute, self.loader, self.workers)
+        self.replica = Replica(self.holder, self.holder.store, "") if self.holder.store is not None else None
         self.health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -57,19 +60,35 @@ class SearchrecServer:
         log.info("device %s, dtype %s; %d compute thread(s), %d torch thread(s); CPU %s, native bf16 %s (%s), flags %s",
                  self.device, self.dtype, self.workers, self.torch_threads, cpu["cpu_model"] or "unknown",
                  "yes" if cpu["native_bf16"] else "no", cpu["native_bf16_source"], " ".join(cpu["cpu_flags"]) or "-")
-        await self.holder.load_initial(self.config.bundle)  # BundleError: refuse to start
+        store = self.holder.store
+        bundle = self.config.bundle
+        if store is not None:
+            await store.open()  # StoreError: refuse to start; loads the catalog changes the bundle must reflect
+            active = getattr(store, "active", {})
+            if active.get("path") and Path(active["path"]) != Path(bundle):
+                # A replica joins at the version the fleet serves, whatever it was started with.
+                log.info("the fleet serves %s (%s, rollout %s): loading it instead of %s", active.get("version"),
+                         active["path"], active.get("rollout"), bundle)
+                bundle = Path(active["path"])
+        await self.holder.load_initial(bundle)  # BundleError: refuse to start (a replica that cannot load never joins)
         # Each compute thread encodes and searches with its share of the cores (two batches with every
         # core each oversubscribe them). Set after the first load: loading, tracing, training the
         # small-batch codes and the warm-up run alone and use every core.
         use_threads(self.torch_threads)
         opts = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes)]
+        if self.config.max_connection_age_s > 0:
+            # Long-lived HTTP/2 connections pin a client to one replica; closing them at an age (GOAWAY, then
+            # a grace period for calls in flight) lets clients behind an L4 balancer spread over new replicas.
+            opts += [("grpc.max_connection_age_ms", int(1000 * self.config.max_connection_age_s)),
+                     ("grpc.max_connection_age_grace_ms", int(1000 * max(self.config.grace_s, 1.0)))]
         on_denied = self.metrics.observe_denied if self.metrics is not None else None
         # maximum_concurrent_rpcs bounds the calls held in memory under overload: beyond it gRPC answers
         # RESOURCE_EXHAUSTED before a handler (or a request buffer) exists.
         server = grpc.aio.server(options=opts, interceptors=[Gatekeeper(self.tokens, on_denied)],
                                  maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
-        add_to_server(SearchRecommendService(self.holder, started, self.metrics, self.pseudonymise), server)
+        add_to_server(SearchRecommendService(self.holder, started, self.metrics, self.pseudonymise, self.replica),
+                      server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
@@ -79,6 +98,10 @@ class SearchrecServer:
         if port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()
+        if self.replica is not None:
+            self.replica.address = f"{self.config.host}:{port}"
+            # Every change recorded before now is applied before SERVING; then the replica follows the store.
+            await self.replica.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.grpc_server, self.port = server, port
@@ -98,11 +121,19 @@ class SearchrecServer:
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so balancers move away
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace)
+        if self.replica is not None:
+            await self.replica.stop()
         await self.holder.close()
         if self.metrics is not None:
             self.metrics.close()
         self.compute.shutdown(wait=True)
         self.loader.shutdown(wait=True)
+
+    async def reload(self, path: Path | None):
+        """ReloadBundle / SIGHUP: this process, or the whole fleet when the state is shared."""
+        if self.replica is not None:
+            return await self.replica.reload(path)
+        return await self.holder.reload(path)
 
     async def wait_for_termination(self) -> None:
         if self.grpc_server is not None:

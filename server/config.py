@@ -63,6 +63,20 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
     tokens: Path | None = None  # JSON file of callers, their tokens and roles; None = no token check
     user_id_key: Path | None = None  # secret key file: user ids are stored and logged as keyed hashes
+    # Shared state (a fleet): redis://host:port/db or rediss:// (TLS). None = the local log under state_dir.
+    state: str | None = None
+    state_prefix: str = "searchrec"  # key namespace in the store (several fleets can share one Redis)
+    state_username: str = ""  # Redis ACL user
+    state_password: str = dataclasses.field(default="", repr=False)  # from a file or env; never printed
+    state_tls_ca: Path | None = None  # PEM CA that signed the store's TLS certificate (rediss://)
+    replica_id: str = ""  # this replica's name in the fleet ("" = hostname-pid)
+    user_state_ttl_s: int = 30 * 86400  # a user's live state in the store expires this long after their last event
+    event_id_ttl_s: int = 7 * 86400  # Feedback is idempotent by event id for this long
+    rollout_timeout_s: float = 600.0  # a fleet rollout waits this long for every replica to load the bundle
+    # HTTP/2 connections are closed (GOAWAY, then a grace period) after this age, so that clients behind L4
+    # balancers reconnect and spread over new replicas. 0 = never.
+    max_connection_age_s: float = 300.0
+    workers: int = 1  # replica processes on this machine (`--workers N`: N processes on ports port..port+N-1)
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +102,14 @@ class ServerConfig:
             problems.append("torch_threads must be >= 0 (0 = auto)")
         if self.max_concurrent_rpcs < 1:
             problems.append("max_concurrent_rpcs must be >= 1")
+        if self.state and not self.state.startswith(("redis://", "rediss://", "unix://")):
+            problems.append(f"state must be a redis://, rediss:// or unix:// URL, got {self.state!r}")
+        if self.state and self.state_dir:
+            problems.append("state and state_dir are two different stores: give one")
+        if self.workers < 1:
+            problems.append("workers must be >= 1")
+        if self.max_connection_age_s < 0:
+            problems.append("max_connection_age_s must be >= 0 (0 = never)")
         if not 0 < self.admit_fraction <= 1:
             problems.append("admit_fraction must be in (0, 1]")
         if self.max_live_users < 1:
@@ -100,7 +122,13 @@ class ServerConfig:
             raise ValueError("; ".join(problems))
 
     def describe(self) -> str:
-        return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
+        from server.store.redisstore import redact
+
+        def shown(name: str, value):
+            if name == "state_password":
+                return "***" if value else ""
+            return redact(value) if name == "state" and value else value
+        return "\n".join(f"  {f.name} = {shown(f.name, getattr(self, f.name))}" for f in dataclasses.fields(self))
 
 
 def compute_plan(config: ServerConfig, cores: int | None = None) -> tuple[int, int]:
@@ -171,7 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file of callers with token (or token_sha256) and roles read/write/reload")
     p.add_argument("--user-id-key", type=Path, default=_env("user_id_key", None),
                    help="file holding a secret key: user ids are pseudonymised (HMAC-SHA256) before logs and the event store")
+    p.add_argument("--state", default=_env("state", None),
+                   help="shared state for a fleet: redis://HOST:PORT/DB or rediss:// (TLS); default: the local log "
+                        "under --state-dir")
+    p.add_argument("--state-prefix", default=_env("state_prefix", d.state_prefix))
+    p.add_argument("--state-username", default=_env("state_username", d.state_username), help="Redis ACL user")
+    p.add_argument("--state-password-file", type=Path, default=_env("state_password_file", None),
+                   help="file holding the store password (or set SEARCHREC_STATE_PASSWORD); never logged")
+    p.add_argument("--state-tls-ca", type=Path, default=_env("state_tls_ca", None),
+                   help="PEM CA of the store's TLS certificate (rediss://)")
+    p.add_argument("--replica-id", default=_env("replica_id", d.replica_id))
+    p.add_argument("--user-state-ttl-s", type=int, default=int(_env("user_state_ttl_s", d.user_state_ttl_s)))
+    p.add_argument("--event-id-ttl-s", type=int, default=int(_env("event_id_ttl_s", d.event_id_ttl_s)))
+    p.add_argument("--rollout-timeout-s", type=float, default=float(_env("rollout_timeout_s", d.rollout_timeout_s)))
+    p.add_argument("--max-connection-age-s", type=float,
+                   default=float(_env("max_connection_age_s", d.max_connection_age_s)),
+                   help="close client connections after this age so that they rebalance (0 = never)")
+    p.add_argument("--workers", type=int, default=int(_env("workers", d.workers)),
+                   help="replica processes on this machine, on ports PORT..PORT+N-1 (needs --state redis://)")
     return p
+
+
+def _password(args) -> str:
+    """The store password: --state-password-file, else SEARCHREC_STATE_PASSWORD (never a flag: flags show in ps)."""
+    path = args.__dict__.pop("state_password_file", None)
+    if path is not None:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"state_password_file {path}: {exc.strerror}") from exc
+    return os.environ.get("SEARCHREC_STATE_PASSWORD", "")
 
 
 def from_args(argv: list[str] | None = None) -> ServerConfig:
@@ -181,7 +238,8 @@ def from_args(argv: list[str] | None = None) -> ServerConfig:
     if args.bundle is None:
         parser.error("--bundle is required (or set SEARCHREC_BUNDLE)")
     try:
-        return ServerConfig(**{k: v for k, v in vars(args).items()})
+        password = _password(args)
+        return ServerConfig(**{k: v for k, v in vars(args).items()}, state_password=password)
     except ValueError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits

@@ -112,5 +112,15 @@ class _StateCollector:
                                 value=h.lag.seconds)
         live = h.live
         yield GaugeMetricFamily("searchrec_live_users", "users with live events", value=len(live.users) if live else 0)
-        log_bytes = live.log.size if live is not None and live.log is not None else 0
-        yield GaugeMetricFamily("searchrec_event_log_bytes", "size of the durable event log", value=log_bytes)
+        store = h.store
+        state = store.info() if store is not None else {"backend": "none", "up": False, "log_bytes": 0}
+        yield GaugeMetricFamily("searchrec_event_log_bytes", "size of the durable event log", value=state["log_bytes"])
+        up = GaugeMetricFamily("searchrec_state_up", "1 while the state store is reachable; 0: reads answer from "
+                               "this replica's last known state and writes are refused", labels=["backend"])
+        up.add_metric([state["backend"]], 1.0 if state["up"] else 0.0)
+        yield up
+        if store is not None:
+            yield CounterMetricFamily("searchrec_state_stale_reads", "reads answered from the local view because "
+                                      "the store was unreachable", value=store.stale_reads)
+            yield CounterMetricFamily("searchrec_state_write_failures", "writes refused (UNAVAILABLE) because the "
+                                      "store was unreachable", value=store.write_failures)

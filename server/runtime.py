@@ -33,6 +33,7 @@ from server.live import apply_changes, passage, pending
 from server.recommend import RecEngine
 from server.recommend import warm as warm_rec
 from server.state import LiveState
+from server.store import make_store
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,19 @@ def encoder_digests(bundle: Bundle) -> dict[str, str] | None:
         return None
 
 
+def land_pending(runtime: Runtime, live: LiveState) -> None:
+    """Land the live catalog changes a runtime's bundle does not reflect yet (blocking; off the event loop)."""
+    changes = dict(live.items)  # a copy: the event loop may record more changes meanwhile
+    if not changes:
+        return
+    ups, dels = pending(runtime.bundle, changes)
+    if ups or dels:
+        enc = runtime.encoder
+        vecs = enc.encode([passage(u) for u in ups], batch_size=64) if ups else np.zeros((0, enc.dims), np.float32)
+        runtime.apply_live(ups, dels, vecs, dict(live.item_counts))
+        log.info("live catalog changes applied to %s: %d upserts, %d deletes", runtime.version, len(ups), len(dels))
+
+
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                   executor: Executor, stats: BatcherStats, live: LiveState | None = None,
                   rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None,
@@ -189,15 +203,11 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                           trace=config.encoder_trace, graph_cache=config.encoder_cache, digests=encoder_digests(bundle))
     if encoder.dims != int(enc["dims"]):
         raise BundleError(f"{path}: encoder produces {encoder.dims}-d vectors, manifest says {enc['dims']}")
-    counts = live.item_counts if live is not None else {}
+    counts = dict(live.item_counts) if live is not None else {}
     engine = SearchEngine(bundle, encoder, config)
     runtime = Runtime(bundle, engine, None, encoder, make_rec(bundle, device, config, counts), config=config)  # type: ignore[arg-type]
-    if live is not None and live.items:
-        ups, dels = pending(bundle, live.items)
-        if ups or dels:
-            vecs = encoder.encode([passage(u) for u in ups], batch_size=64) if ups else np.zeros((0, encoder.dims), np.float32)
-            runtime.apply_live(ups, dels, vecs, counts)
-            log.info("live catalog changes applied to %s: %d upserts, %d deletes", bundle.version, len(ups), len(dels))
+    if live is not None:
+        land_pending(runtime, live)
     if config.warmup:
         runtime.engine.warmup()
         if runtime.rec is not None:
@@ -236,9 +246,14 @@ class RuntimeHolder:
         self.rec_stats = BatcherStats()
         self.encode_stats = BatcherStats()
         self.lag = LoopLag()  # event-loop lag, for deadline-aware admission
-        self.live = (LiveState(config.state_dir, config.max_user_events, fsync=config.fsync, max_users=config.max_live_users)
-                     if config.state_dir else None)
-        self.write_lock = asyncio.Lock()  # one Feedback at a time: duplicate checks + log order
+        # The in-memory view of the state: with the local store it is the state (replayed from its log);
+        # with a shared store it is this replica's copy of the catalog changes and counters, and a cache of
+        # users' recent events that reads fall back on while the store is unreachable.
+        self.live = None
+        if config.state_dir or config.state:
+            self.live = LiveState(None if config.state else config.state_dir, config.max_user_events,
+                                  fsync=config.fsync, max_users=config.max_live_users)
+        self.store = make_store(config, self.live)
         self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
         self._current: Runtime | None = None
         # The bundle path as given (not resolved): re-reading it after a deploy tool re-points a
@@ -279,16 +294,23 @@ class RuntimeHolder:
             except (BundleError, OSError) as exc:  # OSError: a path the file system cannot even look up
                 log.warning("reload refused: %s", exc)
                 raise FailedPrecondition(f"bundle refused, still serving {old.version}: {exc}", field="path") from exc
-            new.start()
-            self._current, self.source = new, Path(target)  # the swap: requests from here on take the new runtime
-            await old.close()  # in-flight requests finish on the old bundle
+            await self.swap(new, Path(target))
             seconds = time.perf_counter() - started
             log.info("swapped bundle %s -> %s in %.2fs", old.version, new.version, seconds)
             return new, old, seconds
+
+    async def swap(self, new: Runtime, path: Path) -> None:
+        """Serve `new` from now on; the old runtime drains its in-flight requests and stops."""
+        old = self.current
+        new.start()
+        self._current, self.source = new, Path(path)  # the swap: requests from here on take the new runtime
+        await old.close()  # in-flight requests finish on the old bundle
 
     async def close(self) -> None:
         await self.lag.close()
         if self._current is not None:
             await self._current.close()
-        if self.live is not None:
+        if self.store is not None:
+            await self.store.close()
+        elif self.live is not None:
             self.live.close()

@@ -60,7 +60,8 @@ _STATUS = {
 
 
 def _status_for(exc: SearchrecError) -> status_pb2.Status:
-    code = _STATUS.get(type(exc), grpc.StatusCode.INTERNAL)
+    # The nearest class in the table (a StoreUnavailable is an Unavailable).
+    code = next((_STATUS[c] for c in type(exc).__mro__ if c in _STATUS), grpc.StatusCode.INTERNAL)
     status = status_pb2.Status(code=code.value[0], message=exc.message)
     if exc.field:
         detail = any_pb2.Any()
@@ -158,8 +159,9 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     """searchrec.v1.SearchRecommend over a RuntimeHolder."""
 
     def __init__(self, holder: RuntimeHolder, started_at: float, metrics=None,
-                 pseudonymise: Callable[[str], str] | None = None) -> None:
+                 pseudonymise: Callable[[str], str] | None = None, replica=None) -> None:
         self.holder = holder
+        self.replica = replica  # server.replica.Replica: the store this server records in (None = no writes)
         self.started_at = started_at
         self.metrics = metrics
         # User ids are replaced by keyed pseudonyms before they reach the event store or a log line.
@@ -168,6 +170,19 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     def _observe(self, method: str, started: float, code: str) -> None:
         if self.metrics is not None:
             self.metrics.observe_rpc(method, time.perf_counter() - started, code)
+
+    async def _consistent(self, request, context) -> None:
+        """Honour min_sequence_token: wait until this replica has applied that catalog change."""
+        token = request.min_sequence_token
+        if not token:
+            return
+        if len(token) > 64:
+            raise InvalidArgument(f"min_sequence_token is {len(token)} characters; the limit is 64",
+                                  field="min_sequence_token")
+        if self.replica is None:
+            raise FailedPrecondition("min_sequence_token names a catalog change, but this server records none "
+                                     "(started without --state-dir or --state)", field="min_sequence_token")
+        await self.replica.wait_for(token, "min_sequence_token", _deadline(context))
 
     # Convert Hit --> pb.ScoredItem.
     @staticmethod
@@ -194,6 +209,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             explain=request.explain,
             user_id=_text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False),
         )
+        await self._consistent(request, context)
         runtime = self.holder.current  # this request finishes on this bundle, whatever swaps meanwhile
         result = await runtime.batcher.submit(query, _deadline(context))
         out = result.value
@@ -210,6 +226,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     async def SimilarItems(self, request, context):
         item_id = _text_field(request.item_id, "item_id", MAX_ID_CHARS, required=True)
         k, filters = _k(request), to_filters(request.filters)
+        await self._consistent(request, context)
         runtime = self.holder.current
         runtime.engine.row_of(item_id)  # NOT_FOUND before any work is queued
         deadline = _deadline(context)
@@ -229,6 +246,9 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     async def GetInfo(self, request, context):
         runtime = self.holder.current
         b, s, cfg, live = runtime.bundle, self.holder.stats, self.holder.config, self.holder.live
+        store = self.holder.store
+        state = store.info() if store is not None else {"backend": "none", "url": "", "up": False, "log_bytes": 0}
+        fleet = await self.replica.fleet() if self.replica is not None else []
         return pb.GetInfoResponse(
             bundle_version=b.version, bundle_path=str(b.path), device=self.holder.device, dtype=self.holder.dtype,
             index_type=b.index_type, index_size=int(b.index.ntotal), item_count=len(b.items),
@@ -236,8 +256,15 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             schema_version=str(b.manifest["schema_version"]), uptime_s=time.monotonic() - self.started_at,
             faiss_on_gpu=runtime.engine.dense.on_gpu,
             recommender=b.rec is not None, rec_users=len(b.rec.user_index) if b.rec is not None else 0,
-            live_users=len(live.users) if live else 0, event_log_bytes=live.log.size if live and live.log else 0,
+            live_users=len(live.users) if live else 0, event_log_bytes=state["log_bytes"],
             live_items=len(live.items) if live else 0,
+            state_backend=state["backend"], state_url=state["url"], state_up=state["up"],
+            replica_id=getattr(store, "origin", "local" if store is not None else ""),
+            applied_token=self.replica.applied if self.replica is not None else "",
+            replicas=[pb.ReplicaInfo(replica_id=r["id"], address=r.get("address", ""), bundle_version=r.get("version", ""),
+                                     applied_token=r.get("applied", ""), heartbeat_age_s=r.get("age_s", 0.0),
+                                     state_up=r.get("store_up", False)) for r in fleet],
+            stale_reads=store.stale_reads if store is not None else 0,
             native_bf16=self.holder.cpu["native_bf16"], cpu_flags=self.holder.cpu["cpu_flags"],
             batcher=pb.BatcherInfo(
                 max_batch_size=cfg.max_batch_size, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue,
@@ -250,11 +277,15 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     @_rpc
     async def ReloadBundle(self, request, context):
         path = _text_field(request.path, "path", 4096, required=False)
-        new, old, seconds = await self.holder.reload(Path(path) if path else None)
+        target = Path(path) if path else None
+        # With a shared store every replica verifies and warms the bundle before any of them swaps.
+        new, old, seconds = await (self.replica.reload(target) if self.replica is not None
+                                   else self.holder.reload(target))
         return pb.ReloadBundleResponse(bundle_version=new.version, previous_version=old.version, load_s=seconds)
 
     # --- Recommend ---------------------------------------------------------------------------
-    def _rec_query(self, runtime, user_id: str, recent: tuple[str, ...], k: int, filters: Filters) -> RecQuery:
+    def _rec_query(self, runtime, user_id: str, recent: tuple[str, ...], k: int, filters: Filters,
+                   live_events: list[tuple[str, int]]) -> RecQuery:
         """The user's history as item rows: bundle history + live events + recent items (oldest first)."""
         items, rec = runtime.bundle.items, runtime.bundle.rec
         recent_rows = []
@@ -276,9 +307,8 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                     hist.append(row)
                     if not repeats:
                         exclude.add(row)  # bundle histories are purchases
-        live = self.holder.live
-        if user_id and live is not None:
-            for item_id, kind in live.user_events(pseudonym):
+        if user_id:
+            for item_id, kind in live_events:
                 row = items.id_to_row.get(item_id)
                 if row is None:
                     continue
@@ -302,16 +332,22 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         if runtime.rec is None:
             raise FailedPrecondition(f"bundle {runtime.version} has no recommender (it was built without behaviour "
                                      "data); build one with --interactions or --dataset", field="user_id")
-        query = self._rec_query(runtime, user_id, recent, k, filters)
+        await self._consistent(request, context)
+        runtime = self.holder.current  # again: the wait may have seen a swap
+        store = self.holder.store
+        # The user's live events come from the store: a Feedback acknowledged by any replica counts here.
+        live_events = (await store.user_events(self.pseudonymise(user_id))) if user_id and store is not None else []
+        query = self._rec_query(runtime, user_id, recent, k, filters, live_events)
         result = await runtime.rec_batcher.submit(query, _deadline(context))
         return pb.RecommendResponse(items=[self._scored(runtime.bundle, h) for h in result.value],
-                                    bundle_version=runtime.version)
+                                    bundle_version=runtime.version, history_events=len(query.history))
 
     # --- writes ------------------------------------------------------------------------------
     def _live(self):
-        if self.holder.live is None:
-            raise FailedPrecondition("this server was started without --state-dir, so it cannot make writes "
-                                     "durable; restart it with --state-dir DIR", field="state_dir")
+        if self.holder.store is None:
+            raise FailedPrecondition("this server was started without --state-dir or --state, so it cannot make "
+                                     "writes durable; restart it with --state-dir DIR (or --state redis://...)",
+                                     field="state_dir")
         return self.holder.live
 
     def _batch_size(self, n: int, field: str) -> None:
@@ -323,7 +359,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
 
     @_rpc
     async def Feedback(self, request, context):
-        live = self._live()
+        self._live()
         self._batch_size(len(request.events), "events")
         runtime = self.holder.current
         now_ms = int(time.time() * 1000)
@@ -350,15 +386,9 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                                field=f"{f}.item_id")
             events.append(Event(event_id, self.pseudonymise(user_id), item_id, int(e.type), int(ts), query,
                                 int(e.position)))
-        async with self.holder.write_lock:
-            fresh, seen = [], set()
-            for ev in events:  # idempotent by event_id, within the request and across requests
-                if ev.event_id in seen or live.is_duplicate(ev.event_id):
-                    continue
-                seen.add(ev.event_id)
-                fresh.append(ev)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, live.record_events, fresh)  # fsync off the event loop
+        # Durable in the store (idempotent by event_id, within the request and across requests and replicas)
+        # before it is acknowledged; UNAVAILABLE, with nothing recorded, when the store cannot take it.
+        fresh = await self.holder.store.record_events(events)
         rec = self.holder.current.rec
         if rec is not None:
             ids = self.holder.current.bundle.items.id_to_row
@@ -370,7 +400,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
 
     @_rpc
     async def UpsertItems(self, request, context):
-        live = self._live()
+        self._live()
         self._batch_size(len(request.items), "items")
         items, seen = [], set()
         for i, it in enumerate(request.items):
@@ -384,14 +414,12 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             deadline = _deadline(context)
             vectors = await asyncio.gather(*(runtime.encode_batcher.submit(passage(it), deadline) for it in items))
             matrix = np.stack([v.value for v in vectors]).astype(np.float32)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, live.record_upserts, items)  # durable before it is visible
-            await loop.run_in_executor(self.holder.compute, runtime.apply_live, items, [], matrix, live.item_counts)
-        return pb.UpsertItemsResponse(upserted=len(items))
+            token = await self.replica.write_catalog("upsert", items, matrix)  # durable before it is visible
+        return pb.UpsertItemsResponse(upserted=len(items), sequence_token=token)
 
     @_rpc
     async def DeleteItems(self, request, context):
-        live = self._live()
+        self._live()
         self._batch_size(len(request.item_ids), "item_ids")
         ids = _id_list(request.item_ids, "item_ids", self.holder.config.max_write_batch)
         async with self.holder.catalog_lock:
@@ -401,11 +429,8 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                     raise NotFound(f"item_ids[{i}] {item_id!r} is not in the catalog; nothing was deleted",
                                    field=f"item_ids[{i}]")
             unique = list(dict.fromkeys(ids))
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, live.record_deletes, unique)
-            empty = np.zeros((0, runtime.encoder.dims), np.float32)
-            await loop.run_in_executor(self.holder.compute, runtime.apply_live, [], unique, empty, live.item_counts)
-        return pb.DeleteItemsResponse(deleted=len(unique))
+            token = await self.replica.write_catalog("delete", unique, None)
+        return pb.DeleteItemsResponse(deleted=len(unique), sequence_token=token)
 
 
 def _id_list(values, field: str, limit: int) -> tuple[str, ...]:

@@ -141,6 +141,8 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        if not self.thread.is_alive():
+            return  # stopped already (a test may stop a server its fixture stops again)
         if self.server is not None:
             self.call(self.server.stop(grace=1.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
