@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50050, help="the proxy's port (what callers use)")
     up.add_argument("--work", type=Path, default=None, help="folder for Redis's data, logs and configs (default: temporary)")
     up.add_argument("--max-conns", type=int, default=32, help="calls in flight per replica before the proxy refuses")
-    args, server_args = up.parse_known_args(argv)
+    args, server_args = ap.parse_known_args(argv)
     if not (args.bundle / "manifest.json").is_file():
         print(f"error: {args.bundle} is not a bundle (no manifest.json)", file=sys.stderr)
         return 2

@@ -54,19 +54,26 @@ def _port_open(port: int) -> bool:
 class RedisServer:
     """A redis-server on a free loopback port with its data (AOF) in `folder`."""
 
-    def __init__(self, folder: Path, port: int | None = None, user: str = "", password: str = "") -> None:
+    def __init__(self, folder: Path, port: int | None = None, user: str = "", password: str = "",
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.user, self.password = user, password
+        self.tls = tls  # (certificate, key, CA): TLS only, on self.port
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        args = [need("redis-server"), str(REDIS_CONF), "--port", str(self.port), "--bind", "127.0.0.1",
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            cert, key, ca = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file",
+                     str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        args = [need("redis-server"), str(REDIS_CONF), *ports, "--bind", "127.0.0.1",
                 "--dir", str(self.folder), "--daemonize", "no", "--logfile", str(self.folder / "redis.log")]
         if self.user:  # an ACL user with the password; the default user is switched off
             args += ["--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all", "--user", "default", "off"]
@@ -97,23 +104,26 @@ class RedisServer:
         self.stop()
 
 
-def render_nginx(port: int, upstreams: list[int], folder: Path, max_conns: int = 0) -> str:
+def render_nginx(port: int, upstreams: list[int], folder: Path, max_conns: int = 0, access_log: bool = False) -> str:
     """The nginx config for replicas on `upstreams` ports, proxied on `port`."""
-    servers = "\n".join(f"        server 127.0.0.1:{p}{f' max_conns={max_conns}' if max_conns else ''};"
-                        for p in upstreams)
+    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s"
+                        f"{f' max_conns={max_conns}' if max_conns else ''};" for p in upstreams)
+    log = f"{folder}/logs/access.log timing" if access_log else "off"
     return (NGINX_TEMPLATE.read_text().replace("@LISTEN@", f"127.0.0.1:{port}").replace("@UPSTREAMS@", servers)
-            .replace("@PREFIX@", str(folder)))
+            .replace("@PREFIX@", str(folder)).replace("@ACCESS_LOG@", log))
 
 
 class Nginx:
     """nginx as the gRPC proxy (grpc_pass over HTTP/2) in front of replicas, on a free loopback port."""
 
-    def __init__(self, folder: Path, upstreams: list[int], port: int | None = None, max_conns: int = 0) -> None:
+    def __init__(self, folder: Path, upstreams: list[int], port: int | None = None, max_conns: int = 0,
+                 access_log: bool = False) -> None:
         self.folder = Path(folder)
         (self.folder / "logs").mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.upstreams = upstreams
         self.max_conns = max_conns
+        self.access_log = access_log
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -122,7 +132,7 @@ class Nginx:
 
     def start(self) -> "Nginx":
         conf = self.folder / "nginx.conf"
-        conf.write_text(render_nginx(self.port, self.upstreams, self.folder, self.max_conns))
+        conf.write_text(render_nginx(self.port, self.upstreams, self.folder, self.max_conns, self.access_log))
         nginx = need("nginx")
         check = subprocess.run([nginx, "-t", "-q", "-p", str(self.folder), "-c", str(conf)], capture_output=True,
                                text=True)
@@ -132,6 +142,24 @@ class Nginx:
                                      stdout=subprocess.DEVNULL, stderr=open(self.folder / "logs" / "stderr.log", "w"))
         _wait(lambda: _port_open(self.port), 20, f"nginx on port {self.port}", self.proc)
         return self
+
+    def set_upstreams(self, upstreams: list[int]) -> None:
+        """Re-point the proxy at these replicas without dropping a call: nginx re-reads its config on SIGHUP,
+        new workers take new calls and the old ones finish theirs (how a replica is drained before a restart)."""
+        self.upstreams = list(upstreams)
+        (self.folder / "nginx.conf").write_text(render_nginx(self.port, self.upstreams, self.folder, self.max_conns,
+                                                             self.access_log))
+        self.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # the new worker is up well within this on loopback
+
+    def calls(self) -> list[tuple[int, float, str, str]]:
+        """(HTTP status, seconds at the proxy, upstreams tried, path) of every call so far (with access_log)."""
+        out = []
+        path = self.folder / "logs" / "access.log"
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            status, secs, upstream, uri = line.split(" ", 3)
+            out.append((int(status), float(secs), upstream.strip('"'), uri))
+        return out
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -74,9 +74,12 @@ def _summary(calls: list[tuple[str, float]], seconds: float) -> dict:
         codes[code] = codes.get(code, 0) + 1
     ok = [lat for code, lat in calls if code == "OK"]
     rejected = [lat for code, lat in calls if code == "RESOURCE_EXHAUSTED"]
+    # Refused by a server (RESOURCE_EXHAUSTED) or by a proxy with no free replica (UNAVAILABLE).
+    refused = [lat for code, lat in calls if code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE")]
     return {"sent": len(calls), "sent_per_s": len(calls) / seconds, "ok_per_s": len(ok) / seconds, "codes": codes,
             "ok_p50_ms": 1000 * _pct(ok, 0.5), "ok_p99_ms": 1000 * _pct(ok, 0.99),
-            "rejected_p50_ms": 1000 * _pct(rejected, 0.5), "rejected_p99_ms": 1000 * _pct(rejected, 0.99)}
+            "rejected_p50_ms": 1000 * _pct(rejected, 0.5), "rejected_p99_ms": 1000 * _pct(rejected, 0.99),
+            "refused_p50_ms": 1000 * _pct(refused, 0.5), "refused_p99_ms": 1000 * _pct(refused, 0.99)}
 
 
 def _probe(target: str, seconds: float, concurrency: int, deadline_s: float) -> dict:
@@ -97,9 +100,11 @@ def _probe(target: str, seconds: float, concurrency: int, deadline_s: float) -> 
                     code = "OK"
                 except grpc.RpcError as err:
                     code = err.code().name
-                    time.sleep(0.05)  # a well-behaved client backs off when refused
+                latency = time.perf_counter() - t0  # the call's own latency (before any backoff)
                 with lock:
-                    calls.append((code, time.perf_counter() - t0))
+                    calls.append((code, latency))
+                if code != "OK":
+                    time.sleep(0.05)  # a well-behaved client backs off when refused
 
     threads = [threading.Thread(target=caller, args=(i,)) for i in range(concurrency)]
     for t in threads:

@@ -248,6 +248,25 @@ def test_store_credentials_and_pseudonymised_user_ids(sample_bundle, tmp_path, p
         redis.stop()
 
 
+def test_store_over_tls(sample_bundle, tmp_path, pb):
+    from tests.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")  # the server certificate names 127.0.0.1 and localhost
+    with RedisServer(tmp_path / "redis", tls=(certs.server_cert, certs.server_key, certs.ca)) as redis:
+        assert redis.url.startswith("rediss://")
+        plain = make_config(sample_bundle, state=redis.url.replace("rediss://", "redis://"))
+        with pytest.raises(Exception, match="cannot reach the state store"):
+            ServerThread(plain).start()  # a plaintext client is refused by a TLS-only Redis
+        a = ServerThread(make_config(sample_bundle, state=redis.url, state_tls_ca=certs.ca, replica_id="tls")).start()
+        try:
+            s = stub_for(a.target)
+            assert s.Feedback(pb.FeedbackRequest(events=[event(pb, "tls-1", "tls-user")])).accepted == 1
+            assert s.Recommend(pb.RecommendRequest(user_id="tls-user")).history_events == 1
+            assert s.GetInfo(pb.GetInfoRequest()).state_url.startswith("rediss://")
+        finally:
+            a.stop()
+
+
 # --- the proxy and many processes --------------------------------------------------------------
 
 def test_nginx_balances_calls_over_replicas_and_retries_reads_past_a_dead_one(pair, tmp_path, pb):
@@ -293,3 +312,25 @@ def test_workers_refuse_a_local_log(sample_bundle, tmp_path):
                            "--workers", "2", "--state-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "--state redis://" in proc.stderr
+
+
+def test_fleet_harness_starts_redis_replicas_and_nginx_and_stops_them(sample_bundle, tmp_path, pb):
+    import signal
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--bundle", str(sample_bundle), "--replicas", "2",
+                             "--port", str(port), "--work", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while "fleet up" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the harness exited before the fleet was up"
+        s = stub_for(f"127.0.0.1:{port}")
+        assert {r.replica_id for r in s.GetInfo(pb.GetInfoRequest(), timeout=10).replicas} == {"replica-0", "replica-1"}
+        assert s.Search(pb.SearchRequest(query="cordless drill", k=2), timeout=10).items
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "fleet stopped" in out
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()  # Redis kept its AOF in the work folder
