@@ -121,14 +121,20 @@ class ServerConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def describe(self) -> str:
+    def _shown(self, name: str):
+        """A field's value as logs may show it: no store password, none inside the store URL either."""
         from server.store.redisstore import redact
 
-        def shown(name: str, value):
-            if name == "state_password":
-                return "***" if value else ""
-            return redact(value) if name == "state" and value else value
-        return "\n".join(f"  {f.name} = {shown(f.name, getattr(self, f.name))}" for f in dataclasses.fields(self))
+        value = getattr(self, name)
+        if name == "state_password":
+            return "***" if value else ""
+        return redact(value) if name == "state" and value else value
+
+    def describe(self) -> str:
+        return "\n".join(f"  {f.name} = {self._shown(f.name)}" for f in dataclasses.fields(self))
+
+    def __repr__(self) -> str:  # dataclass keeps a __repr__ defined here
+        return f"ServerConfig({', '.join(f'{f.name}={self._shown(f.name)!r}' for f in dataclasses.fields(self))})"
 
 
 def compute_plan(config: ServerConfig, cores: int | None = None) -> tuple[int, int]:

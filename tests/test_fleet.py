@@ -334,3 +334,21 @@ def test_fleet_harness_starts_redis_replicas_and_nginx_and_stops_them(sample_bun
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "fleet stopped" in out
     assert (tmp_path / "redis" / "appendonlydir").is_dir()  # Redis kept its AOF in the work folder
+
+
+def test_store_password_comes_from_a_file_or_env_and_is_never_printed(tmp_path, monkeypatch):
+    from server.config import from_args
+
+    secret = tmp_path / "redis.pw"
+    secret.write_text("pw-from-file\n")
+    cfg = from_args(["--bundle", "b", "--state", "redis://:inline-pw@127.0.0.1:6379/0", "--state-username", "app",
+                     "--state-password-file", str(secret)])
+    assert cfg.state_password == "pw-from-file"
+    shown = cfg.describe() + repr(cfg)
+    assert "pw-from-file" not in shown and "inline-pw" not in shown and "redis://:***@127.0.0.1:6379/0" in shown
+    monkeypatch.setenv("SEARCHREC_STATE_PASSWORD", "pw-from-env")
+    assert from_args(["--bundle", "b", "--state", "redis://127.0.0.1:6379/0"]).state_password == "pw-from-env"
+    with pytest.raises(SystemExit):  # argparse's clear error, exit status 2
+        from_args(["--bundle", "b", "--state", "redis://x", "--state-password-file", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit):
+        from_args(["--bundle", "b", "--state", "http://x"])  # not a Redis URL
