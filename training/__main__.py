@@ -9,6 +9,8 @@
     build --catalog FILE --interactions CSV --out DIR    catalog + behaviour log (+ --events STATE_DIR)
     evaluate search --bundle DIR --judgments CSV [--json OUT] [--plot OUT.png]
     evaluate recommend --bundle DIR --dataset beauty|online_retail|seqfile [--path F] [--json OUT]
+    build-classifier --data CSV --out DIR [--max-minutes M]   hierarchical product classifier bundle
+    evaluate classify --bundle DIR --data CSV [--json OUT]    it vs a TF-IDF SVM and zero-shot, same rows
 
 Exit status 0 on success; 2 with one clear message (file, row, problem) on bad input.
 """
@@ -119,7 +121,46 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument("--serve-dtype", default="auto", choices=DTYPES,
                     help="encoder precision of the served bundle (the server's --dtype; int8 = CPU dynamic quantization)")
     _common(es)
+    ec = ev_sub.add_parser("classify", help="a classifier bundle vs a TF-IDF linear SVM and zero-shot nearest centroid")
+    ec.add_argument("--bundle", type=Path, required=True)
+    ec.add_argument("--data", type=Path, required=True, help="CSV item_id,title,category_path (the bundle's own file: "
+                                                             "its test split is scored)")
+    ec.add_argument("--json", type=Path)
+    ec.add_argument("--plot", type=Path, help="per-level confusion PNG (default: beside --json)")
+    bc = sub.add_parser("build-classifier", help="fine-tune a hierarchical product classifier on a category CSV")
+    bc.add_argument("--data", type=Path, required=True, help="CSV item_id,title,category_path (levels joined by ' > ')")
+    bc.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
+    bc.add_argument("--max-minutes", type=float, default=15.0, help="time budget of the whole build")
+    bc.add_argument("--epochs", type=int, default=12, help="most epochs of fine-tuning (the budget usually ends it sooner)")
+    bc.add_argument("--seed", type=int, default=0)
+    _common(bc)
     return parser
+
+
+def cmd_build_classifier(args: argparse.Namespace) -> int:
+    from training.classifier_build import build_classifier
+
+    if args.out.exists():
+        raise FileExistsError(f"{args.out} exists; give a new --out")
+    device = resolve_device(args.device)
+    if device != "cpu":
+        raise DeviceError("build-classifier trains on the CPU for now; pass --device cpu")
+    bf16 = resolve_dtype(device, args.dtype) == "bfloat16"
+    summary = build_classifier(args.data, args.out, args.max_minutes, args.epochs, args.seed, args.encoder, bf16)
+    rows, test = summary["rows"], summary.get("test", {})
+    print(f"\nclassifier bundle {args.out}: {summary['leaves']} leaf paths, depth {summary['depth']}, "
+          f"built in {summary['build_s'] / 60:.1f} min ({'bf16' if bf16 else 'fp32'})")
+    print(f"  rows: train {rows['train']}, dev {rows['dev']}, test {rows['test']}")
+    for e in summary["dense"]["epochs"]:
+        print(f"  epoch {e['epoch']}: loss {e['loss']:.4f}, dev leaf accuracy {e['dev_leaf_accuracy']:.4f}, "
+              f"{e['seconds'] / 60:.1f} min")
+    b = summary["blend"]
+    print(f"  blend: network weight {b['dense_weight']:.2f}, temperature {b['temperature']:.3f}; auto-fill "
+          f"threshold {summary['autofill_threshold']:.3f} (dev precision >= 0.95)")
+    if test:
+        print(f"  test: leaf accuracy {test['leaf_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+              f"top level {test['top_accuracy']:.4f}, ECE {test['ece']:.4f} ({test['rows']} rows)")
+    return 0
 
 
 def _data_dir(args) -> Path:
@@ -264,6 +305,21 @@ def cmd_step(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_search, format_table, plot
 
+    if args.what == "classify":
+        from training.classifier_build import evaluate_classifier
+
+        if not (args.bundle / "manifest.json").is_file():
+            raise DataError(f"{args.bundle}: not a bundle (no manifest.json)")
+        res = evaluate_classifier(args.bundle, args.data, args.json, args.plot)
+        print(f"{res['data']} ({res['scored_split']}, {res['model']['rows']} rows, {res['leaves']} leaf paths)")
+        print(f"{'system':<10} {'leaf acc':>9} {'macro-F1':>9} {'top acc':>8}")
+        for name in ("model", "tfidf_svm", "zero_shot"):
+            r = res[name]
+            print(f"{name:<10} {r['leaf_accuracy']:>9.4f} {r['macro_f1']:>9.4f} {r['top_accuracy']:>8.4f}")
+        m = res["model"]
+        print(f"ours: ECE {m['ece']:.4f}; auto-fill at {m['autofill_threshold']:.3f}: precision "
+              f"{m['autofill_precision']:.4f}, coverage {m['autofill_coverage']:.4f}")
+        return 0
     device = resolve_device(args.device)
     if args.what == "recommend":
         from training import evaluate_rec
@@ -301,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_build(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "build-classifier":
+            return cmd_build_classifier(args)
         return cmd_step(args)
-    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError, ValueError) as exc:
+    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError, ValueError) as exc:  # ClassifyDataError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

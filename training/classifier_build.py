@@ -1,0 +1,352 @@
+"""`python -m training build-classifier` and `evaluate classify`: train, save, load and score the classifier.
+
+The fine-tuned part: MiniLM (mean pooling) -> dropout -> linear head over the leaf paths, cross-entropy with
+class weights 1/sqrt(frequency) (the long tail counts, without letting a 3-row leaf dominate), AdamW, linear
+decay, epochs until the time budget; the epoch with the best dev accuracy is kept. Then, on the dev split:
+a temperature for the SVM's scores and one for the network's logits, the blend weight (grid, best dev leaf
+accuracy), a final temperature (calibration), and the auto-fill threshold (dev precision >= 0.95).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.bundle_format import MANIFEST, SCHEMA_VERSION, checksum_tree
+from training.classify import (CLASSIFIER_DIR, SparseModel, Taxonomy, autofill_threshold, ece, file_fingerprint,
+                               fit_temperature, read_catalog, scores, seed_everything, softmax, split_of)
+
+log = logging.getLogger(__name__)
+MAX_LENGTH = 40
+AUTOFILL_PRECISION = 0.95
+
+
+class DenseClassifier(torch.nn.Module):
+    def __init__(self, encoder, n_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+        return self.head(self.dropout(pooled))
+
+
+def _batches(tok, texts: list[str], batch: int, order: np.ndarray):
+    for i in range(0, len(order), batch):
+        idx = order[i: i + batch]
+        enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        yield idx, enc
+
+
+def logits_of(model: DenseClassifier, tok, texts: list[str], bf16: bool, batch: int = 128) -> np.ndarray:
+    """(n, classes) logits, in length-sorted batches (less padding), returned in the input order."""
+    model.eval()
+    out = np.zeros((len(texts), model.head.out_features), np.float32)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for idx, enc in _batches(tok, texts, batch, order):
+            out[idx] = model(enc["input_ids"], enc["attention_mask"]).float().numpy()
+    return out
+
+
+def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: int, dev_texts: list[str],
+                dev_y: np.ndarray, budget_s: float, epochs: int, bf16: bool, seed: int,
+                batch: int = 32) -> tuple[DenseClassifier, Any, dict]:
+    from transformers import AutoModel, AutoTokenizer
+
+    seed_everything(seed)
+    tok = AutoTokenizer.from_pretrained(encoder_dir)
+    model = DenseClassifier(AutoModel.from_pretrained(encoder_dir), n_classes)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weights = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+    weights = weights / weights[counts > 0].mean()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
+    head_params = list(model.head.parameters())
+    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": 1e-4},
+                             {"params": head_params, "lr": 3e-3}], weight_decay=0.01)
+    steps_per_epoch = (len(texts) + batch - 1) // batch
+    # Linear warm-up and decay over the steps that will actually run: `epochs` of them, or fewer once the
+    # first steps have shown how many fit in the time budget (so the rate still decays to ~0 at the end).
+    plan = {"total": steps_per_epoch * epochs}
+    warmup = max(1, int(0.05 * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (plan["total"] - s) / max(plan["total"] - warmup, 1))))
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    best, best_acc, history, step = None, -1.0, [], 0
+    for epoch in range(epochs):
+        model.train()
+        # Shuffle, then sort within chunks of 50 batches by length: little padding, still random batches.
+        perm = rng.permutation(len(texts))
+        chunk = batch * 50
+        order = np.concatenate([sorted(perm[i: i + chunk], key=lambda j: len(texts[j]))
+                                for i in range(0, len(perm), chunk)])
+        blocks = [order[i: i + batch] for i in range(0, len(order), batch)]
+        rng.shuffle(blocks)
+        order = np.concatenate(blocks)
+        total, seen, out_of_time = 0.0, 0, False
+        bar = tqdm(_batches(tok, texts, batch, order), total=steps_per_epoch, desc=f"classifier epoch {epoch + 1}",
+                   leave=False)
+        for idx, enc in bar:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(enc["input_ids"], enc["attention_mask"])
+            loss = loss_fn(logits.float(), torch.as_tensor(y[idx]))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step == 30:  # ~1 s a step here: plan the schedule on the measured speed (dev passes included)
+                per_step = (time.perf_counter() - started) / step
+                fits = int(budget_s / per_step * 0.92)
+                plan["total"] = max(warmup + 1, min(plan["total"], fits))
+                log.info("classifier: %.2f s a step; %d steps (%.1f epochs) fit in the budget", per_step,
+                         plan["total"], plan["total"] / steps_per_epoch)
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.3f}")
+            if time.perf_counter() - started > budget_s or step >= plan["total"]:
+                out_of_time = True
+                break
+        dev_acc = float(np.mean(logits_of(model, tok, dev_texts, bf16).argmax(1) == dev_y)) if len(dev_y) else 0.0
+        history.append({"epoch": epoch + 1, "loss": total / max(seen, 1), "dev_leaf_accuracy": dev_acc,
+                        "rows": seen, "seconds": time.perf_counter() - started})
+        log.info("classifier epoch %d: loss %.4f, dev leaf accuracy %.4f (%.0fs)", epoch + 1, total / max(seen, 1),
+                 dev_acc, time.perf_counter() - started)
+        if dev_acc > best_acc:
+            best_acc, best = dev_acc, copy.deepcopy(model.state_dict())
+        if out_of_time:
+            break
+    model.load_state_dict(best)
+    return model, tok, {"epochs": history, "best_dev_leaf_accuracy": best_acc, "batch_size": batch}
+
+
+class Classifier:
+    """A trained classifier (fresh from training or loaded from a bundle): leaf probabilities for texts."""
+
+    def __init__(self, tax: Taxonomy, sparse: SparseModel, dense: DenseClassifier, tok, blend: dict, bf16: bool):
+        self.tax, self.sparse, self.dense, self.tok, self.blend, self.bf16 = tax, sparse, dense, tok, blend, bf16
+
+    def combined_logits(self, sparse_scores: np.ndarray, dense_logits: np.ndarray) -> np.ndarray:
+        b = self.blend
+        log_s = np.log(np.clip(softmax(sparse_scores / b["svm_temperature"]), 1e-12, 1))
+        log_d = np.log(np.clip(softmax(dense_logits / b["dense_temperature"]), 1e-12, 1))
+        return b["dense_weight"] * log_d + (1 - b["dense_weight"]) * log_s
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        z = self.combined_logits(self.sparse.scores(texts), logits_of(self.dense, self.tok, texts, self.bf16))
+        return softmax(z / self.blend["temperature"])
+
+    @classmethod
+    def load(cls, bundle: Path, bf16: bool | None = None) -> "Classifier":
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        manifest = json.loads((Path(bundle) / MANIFEST).read_text())
+        meta = manifest.get("classifier")
+        if meta is None:
+            raise FileNotFoundError(f"{bundle}: the bundle has no classifier (manifest has no 'classifier' part)")
+        root = Path(bundle) / CLASSIFIER_DIR
+        tax = Taxonomy(json.loads((root / "taxonomy.json").read_text())["leaves"])
+        tok = AutoTokenizer.from_pretrained(root / "encoder")
+        dense = DenseClassifier(AutoModel.from_pretrained(root / "encoder"), len(tax.leaves))
+        head = load_file(root / "head.safetensors")
+        dense.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
+        sparse = SparseModel.load(root / "sparse", meta["sparse"])
+        use_bf16 = meta.get("bf16", False) if bf16 is None else bf16
+        return cls(tax, sparse, dense, tok, meta["blend"], use_bf16)
+
+
+def fit_blend(sparse_scores: np.ndarray, dense_logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Temperatures and blend weight from the dev split."""
+    from training.classify import nll
+
+    ts, td = fit_temperature(sparse_scores, y), fit_temperature(dense_logits, y)
+    log_s = np.log(np.clip(softmax(sparse_scores / ts), 1e-12, 1))
+    log_d = np.log(np.clip(softmax(dense_logits / td), 1e-12, 1))
+    best = None
+    for w in np.linspace(0, 1, 21):
+        z = w * log_d + (1 - w) * log_s
+        key = (float(np.mean(z.argmax(1) == y)), -nll(softmax(z), y))
+        if best is None or key > best[0]:
+            best = (key, float(w))
+    w = best[1]
+    z = w * log_d + (1 - w) * log_s
+    return {"svm_temperature": ts, "dense_temperature": td, "dense_weight": w, "temperature": fit_temperature(z, y)}
+
+
+def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: int = 12, seed: int = 0,
+                     encoder_dir: Path | None = None, bf16: bool = False) -> dict[str, Any]:
+    """Train on the train split of `data`, fit the blend on dev, report test, write the bundle to `out`."""
+    from safetensors.torch import save_file
+
+    from training.__main__ import default_encoder_dir
+
+    started = time.perf_counter()
+    encoder_dir = Path(encoder_dir or default_encoder_dir())
+    df = read_catalog(data)
+    df["split"] = [split_of(t) for t in df["title"]]
+    train, dev, test = (df[df["split"] == s] for s in ("train", "dev", "test"))
+    if not len(train) or not len(dev):
+        raise ValueError(f"{data}: too few rows to split into train and dev ({len(df)} rows)")
+    tax = Taxonomy.from_paths(pd_concat_paths(train, dev))
+    y_train = np.array([tax.index[p] for p in train["category_path"]])
+    y_dev = np.array([tax.index[p] for p in dev["category_path"]])
+    t_train, t_dev = train["title"].tolist(), dev["title"].tolist()
+    print(f"{data.name}: {len(df)} rows (train {len(train)}, dev {len(dev)}, test {len(test)}), "
+          f"{len(tax.leaves)} leaf paths, depth {tax.depth}", flush=True)
+    sparse = SparseModel().fit(t_train, y_train, len(tax.leaves))
+    sparse_s = elapsed_s(started)
+    # The network gets what is left of the budget, less a reserve for the dev/test passes and the bundle.
+    reserve = 60.0 + 0.004 * (len(dev) + len(test))
+    budget = max(60.0, 60.0 * max_minutes - elapsed_s(started) - reserve)
+    dense, tok, report = train_dense(encoder_dir, t_train, y_train, len(tax.leaves), t_dev, y_dev, budget, epochs,
+                                     bf16, seed)
+    blend = fit_blend(sparse.scores(t_dev), logits_of(dense, tok, t_dev, bf16), y_dev)
+    clf = Classifier(tax, sparse, dense, tok, blend, bf16)
+    dev_probs = clf.predict_proba(t_dev)
+    threshold = autofill_threshold(dev_probs.max(1), dev_probs.argmax(1) == y_dev, AUTOFILL_PRECISION)
+    summary: dict[str, Any] = {"rows": {"train": len(train), "dev": len(dev), "test": len(test)},
+                               "leaves": len(tax.leaves), "depth": tax.depth, "blend": blend,
+                               "autofill_threshold": threshold, "dense": report, "sparse_fit_s": sparse_s}
+    if len(test):
+        known = test[test["category_path"].isin(tax.index)]
+        probs = clf.predict_proba(test["title"].tolist())
+        summary["test"] = {**scores(tax, test["category_path"].tolist(), probs.argmax(1)),
+                           "ece": ece(probs, probs.argmax(1) == np.array([tax.index.get(p, -1)
+                                                                           for p in test["category_path"]])),
+                           "unseen_leaf_rows": len(test) - len(known)}
+    # The bundle: everything under classifier/, the manifest (with every file's sha256) written last.
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = out / CLASSIFIER_DIR
+    dense.encoder.save_pretrained(root / "encoder", safe_serialization=True)
+    tok.save_pretrained(root / "encoder")
+    save_file({"weight": dense.head.weight.detach().contiguous(), "bias": dense.head.bias.detach().contiguous()},
+              root / "head.safetensors")
+    (root / "taxonomy.json").write_text(json.dumps({"leaves": tax.leaves, "separator": " > "}, ensure_ascii=False))
+    sparse_meta = sparse.save(root / "sparse")
+    summary["build_s"] = elapsed_s(started)
+    now = datetime.now(timezone.utc)
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "bundle_version": f"classifier-{Path(data).stem}-{now:%Y%m%dT%H%M%SZ}",
+        "created_at": now.isoformat(), "kind": "classifier",
+        "classifier": {"path": CLASSIFIER_DIR, "leaves": len(tax.leaves), "depth": tax.depth, "blend": blend,
+                       "autofill_threshold": threshold, "autofill_precision_target": AUTOFILL_PRECISION,
+                       "sparse": sparse_meta, "bf16": bf16, "max_length": 40, "seed": seed,
+                       "train": {"path": str(Path(data).resolve()), "sha256": file_fingerprint(data),
+                                 "split": "md5(lower(title)) % 100: <10 test, <20 dev, else train"},
+                       "metrics": summary},
+    }
+    manifest["files"] = checksum_tree(out)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return summary
+
+
+def pd_concat_paths(*frames) -> list[str]:
+    return [p for f in frames for p in f["category_path"]]
+
+
+def elapsed_s(started: float) -> float:
+    return time.perf_counter() - started
+
+
+# --- evaluate ------------------------------------------------------------------------------------------
+
+def zero_shot(train_texts: list[str], train_y: np.ndarray, n_classes: int, texts: list[str]) -> np.ndarray:
+    """Nearest centroid on the pretrained encoder: the predicted leaf of each text."""
+    from common.encoding import TextEncoder
+    from training.__main__ import default_encoder_dir
+
+    enc = TextEncoder(default_encoder_dir(), device="cpu", dtype="float32", max_length=MAX_LENGTH)
+    tv = enc.encode(train_texts, batch_size=128)
+    centroids = np.zeros((n_classes, tv.shape[1]), np.float32)
+    np.add.at(centroids, train_y, tv)
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+    centroids = np.where(norms > 0, centroids / np.maximum(norms, 1e-9), 0)
+    return (enc.encode(texts, batch_size=128) @ centroids.T).argmax(1)
+
+
+def evaluate_classifier(bundle: Path, data: Path, json_out: Path | None, plot: Path | None = None) -> dict[str, Any]:
+    manifest = json.loads((Path(bundle) / MANIFEST).read_text())
+    meta = manifest.get("classifier")
+    if meta is None:
+        raise FileNotFoundError(f"{bundle}: the bundle has no classifier part")
+    clf = Classifier.load(bundle)
+    tax = clf.tax
+    train_info = meta["train"]
+    train_df = read_catalog(Path(train_info["path"]))
+    train_df = train_df[[split_of(t) == "train" for t in train_df["title"]]]
+    df = read_catalog(data)
+    same_file = file_fingerprint(data) == train_info["sha256"]
+    if same_file:  # the build's own file: score its test split only, never rows it trained or tuned on
+        df = df[[split_of(t) == "test" for t in df["title"]]]
+    texts, truth = df["title"].tolist(), df["category_path"].tolist()
+    y_true = np.array([tax.index.get(p, -1) for p in truth])
+    probs = clf.predict_proba(texts)
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    threshold = float(meta["autofill_threshold"])
+    filled = conf >= threshold
+    ours = {**scores(tax, truth, pred), "ece": ece(probs, pred == y_true), "autofill_threshold": threshold,
+            "autofill_coverage": float(filled.mean()),
+            "autofill_precision": float((pred[filled] == y_true[filled]).mean()) if filled.any() else 0.0}
+    train_y = np.array([tax.index[p] for p in train_df["category_path"]])
+    svm = SparseModel(C=float(meta["sparse"]["C"])).fit(train_df["title"].tolist(), train_y, len(tax.leaves))
+    result = {"model": ours, "tfidf_svm": scores(tax, truth, svm.scores(texts).argmax(1)),
+              "zero_shot": scores(tax, truth, zero_shot(train_df["title"].tolist(), train_y, len(tax.leaves), texts)),
+              "data": str(data), "scored_split": "test (the bundle's own file)" if same_file else "all rows",
+              "bundle": manifest["bundle_version"], "leaves": len(tax.leaves)}
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2))
+        plot = plot or Path(json_out).with_suffix(".png")
+    if plot is not None:
+        confusion_plot(tax, truth, pred, Path(plot))
+    return result
+
+
+def confusion_plot(tax: Taxonomy, truth: list[str], pred: np.ndarray, out: Path, top: int = 15) -> None:
+    """Row-normalised confusion matrices per level (the `top` most frequent prefixes of each level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = min(tax.depth, 3)
+    fig, axes = plt.subplots(1, levels, figsize=(6.5 * levels, 6), squeeze=False)
+    pred_paths = [tax.leaves[i] for i in pred]
+    for lvl in range(levels):
+        t = [tax.prefix(p, lvl) for p in truth]
+        p = [tax.prefix(q, lvl) for q in pred_paths]
+        names, counts = np.unique(t, return_counts=True)
+        names = list(names[np.argsort(-counts)][:top])
+        pos = {n: i for i, n in enumerate(names)}
+        m = np.zeros((len(names), len(names) + 1))
+        for a, b in zip(t, p):
+            if a in pos:
+                m[pos[a], pos.get(b, len(names))] += 1
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax = axes[0][lvl]
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        short = [n.split(" > ")[-1][:18] for n in names]
+        ax.set_xticks(range(len(names) + 1), short + ["(other)"], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), short, fontsize=7)
+        ax.set_title(f"level {lvl + 1}: true (rows) vs predicted, {len(names)} most frequent")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
