@@ -35,6 +35,7 @@ import psutil
 
 from fleet.procs import Nginx, RedisServer, Replica
 from loadtest.scenarios import QUERIES, marked_copy, titles_by_version
+from loadtest.scenarios import _closed_loop as flood
 from server.store.base import parse_token
 from server.stubs import pb, pb_grpc
 
@@ -105,28 +106,6 @@ def sweep(target: str, levels: list[int], seconds: float) -> dict:
 
 # --- 2. overload --------------------------------------------------------------------------------
 
-async def _flood(target: str, seconds: float, concurrency: int, deadline_s: float) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    async with grpc.aio.insecure_channel(target) as ch:
-        s = pb_grpc.SearchRecommendStub(ch)
-        stop_at = time.monotonic() + seconds
-
-        async def caller(i: int) -> None:
-            n = i
-            while time.monotonic() < stop_at:
-                n += 1
-                t0 = time.perf_counter()
-                try:
-                    await s.Search(pb.SearchRequest(query=QUERIES[n % len(QUERIES)], k=10), timeout=deadline_s)
-                    code = "OK"
-                except grpc.aio.AioRpcError as err:
-                    code = err.code().name
-                out.append((code, time.perf_counter() - t0))
-
-        await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    return out
-
-
 def overload(proxy: Nginx, replicas: list[Replica], sustainable_qps: float, seconds: float) -> dict:
     """A flood of 400 concurrent callers with 1 s deadlines (~10x what the fleet sustains). Late = admitted
     calls (not refused) that were not answered within their deadline.
@@ -151,7 +130,7 @@ def overload(proxy: Nginx, replicas: list[Replica], sustainable_qps: float, seco
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
     probe = subprocess.Popen([sys.executable, "-m", "loadtest.scenarios", "probe", target, str(max(seconds - 2.0, 1.0)),
                               "8", "1.0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    calls = asyncio.run(_flood(target, seconds, 400, 1.0))
+    calls = asyncio.run(flood(target, seconds, 400, 1.0))  # the reliability scenarios' own flood
     probed = json.loads(probe.communicate(timeout=120)[0])
     done.set()
     sampler.join()

@@ -215,9 +215,10 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
     budget = max(60.0, 60.0 * max_minutes - elapsed_s(started) - reserve)
     dense, tok, report = train_dense(encoder_dir, t_train, y_train, len(tax.leaves), t_dev, y_dev, budget, epochs,
                                      bf16, seed)
-    blend = fit_blend(sparse.scores(t_dev), logits_of(dense, tok, t_dev, bf16), y_dev)
+    dev_sparse, dev_dense = sparse.scores(t_dev), logits_of(dense, tok, t_dev, bf16)  # one pass each, used twice
+    blend = fit_blend(dev_sparse, dev_dense, y_dev)
     clf = Classifier(tax, sparse, dense, tok, blend, bf16)
-    dev_probs = clf.predict_proba(t_dev)
+    dev_probs = softmax(clf.combined_logits(dev_sparse, dev_dense) / blend["temperature"])
     threshold = autofill_threshold(dev_probs.max(1), dev_probs.argmax(1) == y_dev, AUTOFILL_PRECISION)
     summary: dict[str, Any] = {"rows": {"train": len(train), "dev": len(dev), "test": len(test)},
                                "leaves": len(tax.leaves), "depth": tax.depth, "blend": blend,

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,7 +237,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def elapsed(started: float) -> float:
-    return time.perf_counter() - started

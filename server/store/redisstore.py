@@ -114,6 +114,7 @@ class RedisStore(StateStore):
         self._catalog = self.r.register_script(CATALOG)
         self.ids = {"events": ZERO, "catalog": ZERO, "control": ZERO}  # where the tail reads on from
         self.active: dict[str, str] = {}  # the fleet's bundle at open (path, version, rollout)
+        self.snapshot_token = ZERO  # the catalog position the snapshot read at open stands at
         self.persistence = ""
         self._closed = False
 
