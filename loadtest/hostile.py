@@ -151,13 +151,24 @@ def reload(pb, d: Draw):
     return "ReloadBundle", pb.ReloadBundleRequest(path=d.text() or "/")  # empty would re-read the good bundle
 
 
+def classify(pb, d: Draw):
+    n = d.size()
+    one = pb.ClassifyItem(title=d.text(), description=d.text(), brand=d.text())
+    for _ in range(min(d.size(), 60)):
+        one.attributes[d.text()] = d.text()
+    items = [one] * n if n > 3 else [pb.ClassifyItem(title=d.text(), brand=d.text()) for _ in range(n)]
+    req = pb.ClassifyRequest(items=items, queries=_texts(d))
+    _k(req, d)
+    return "Classify", req
+
+
 def info(pb, d: Draw):
     return "GetInfo", pb.GetInfoRequest()
 
 
 BUILDERS: dict[str, Callable[[Any, Draw], tuple[str, Any]]] = {
     "Search": search, "Recommend": recommend, "SimilarItems": similar, "Feedback": feedback,
-    "UpsertItems": upsert, "DeleteItems": delete, "ReloadBundle": reload, "GetInfo": info}
+    "UpsertItems": upsert, "DeleteItems": delete, "ReloadBundle": reload, "GetInfo": info, "Classify": classify}
 
 # Codes a hostile request may get. Anything else (INTERNAL, UNKNOWN, UNAVAILABLE, a timeout) is a bug.
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

@@ -6,7 +6,7 @@ that cannot crash a handler, and keyed pseudonyms for user ids.
 - Tokens: a JSON file `{"callers": [{"name": "storefront", "token_sha256": "<hex>", "roles": ["read"]}, ...]}`
   (`"token": "<plain>"` is accepted too; hashes are better on disk). A call carries
   `authorization: Bearer <token>`. No or unknown token -> UNAUTHENTICATED; a known caller without the
-  RPC's role -> PERMISSION_DENIED. Roles: read (Search, Recommend, SimilarItems, GetInfo, reflection),
+  RPC's role -> PERMISSION_DENIED. Roles: read (Search, Recommend, SimilarItems, GetInfo, Classify, reflection),
   write (Feedback, UpsertItems, DeleteItems), reload (ReloadBundle). Health checks need no token, so
   load balancers can probe.
 - Decoding: a request that is not a valid protobuf message (for example strings that are not UTF-8)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 ROLES = ("read", "write", "reload")
 SERVICE_PREFIX = "/searchrec.v1.SearchRecommend/"
 # The role each RPC of the service needs; anything not listed (reflection) needs "read".
-RPC_ROLE = {"Search": "read", "Recommend": "read", "SimilarItems": "read", "GetInfo": "read",
+RPC_ROLE = {"Search": "read", "Recommend": "read", "SimilarItems": "read", "GetInfo": "read", "Classify": "read",
             "Feedback": "write", "UpsertItems": "write", "DeleteItems": "write", "ReloadBundle": "reload"}
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 

@@ -48,6 +48,7 @@ class ItemTable:
     cat_tokens: np.ndarray
     brand_indptr: np.ndarray
     brand_tokens: np.ndarray
+    category_predicted: np.ndarray  # bool: the category was filled in by the classifier (live upserts)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -250,6 +251,8 @@ def build_item_table(df: pd.DataFrame, vocab: dict[str, int]) -> ItemTable:
         cat_tokens=cat_tokens,
         brand_indptr=brand_indptr,
         brand_tokens=brand_tokens,
+        category_predicted=(df["category_predicted"].fillna(False).astype(bool).to_numpy()
+                            if "category_predicted" in df.columns else np.zeros(len(ids), bool)),
     )
 
 

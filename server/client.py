@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--category", action="append")
         s.add_argument("--brand", action="append")
         s.add_argument("--in-stock", action="store_true")
+        if name == "search":
+            s.add_argument("--classify-query", action="store_true", help="also print the query's predicted category")
+    cf = sub.add_parser("classify", help="category paths of item titles (or --query texts)")
+    cf.add_argument("titles", nargs="*")
+    cf.add_argument("--query", action="append", default=[], help="classify this free text (repeatable)")
+    cf.add_argument("--brand", default="")
+    cf.add_argument("--k", type=int, default=None)
     rc = sub.add_parser("recommend")
     rc.add_argument("user_id")
     rc.add_argument("--recent", action="append", default=[])
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         stub = pb_grpc.SearchRecommendStub(channel)
         try:
             if args.cmd == "search":
-                req = pb.SearchRequest(query=args.query, filters=_filters(args), explain=args.explain)
+                req = pb.SearchRequest(query=args.query, filters=_filters(args), explain=args.explain,
+                                       classify_query=args.classify_query)
                 if args.k is not None:
                     req.k = args.k
                 resp = stub.Search(req, timeout=args.timeout)
@@ -131,7 +139,22 @@ def main(argv: list[str] | None = None) -> int:
                       f"rank {t.rank_ms:.1f}; batch of {t.batch_size})")
                 if resp.corrected_query:
                     print(f"searched for: {resp.corrected_query}")
+                if resp.HasField("predicted_category"):
+                    c = resp.predicted_category
+                    print(f"query category: {c.path} ({c.probability:.2f})")
                 _print_items(resp.items, args.explain)
+            elif args.cmd == "classify":
+                req = pb.ClassifyRequest(items=[pb.ClassifyItem(title=t, brand=args.brand) for t in args.titles],
+                                         queries=args.query)
+                if args.k is not None:
+                    req.k = args.k
+                resp = stub.Classify(req, timeout=args.timeout)
+                print(f"bundle {resp.bundle_version} (auto-fill threshold {resp.autofill_threshold:.2f})")
+                for text, res in zip(list(args.titles) + args.query, list(resp.items) + list(resp.queries)):
+                    print(f"{text}{'' if res.confident else '   (not confident enough to auto-fill)'}")
+                    for c in res.categories:
+                        levels = " | ".join(f"{lv.name.split(' > ')[-1]} {lv.probability:.2f}" for lv in c.levels)
+                        print(f"  {c.probability:6.3f}  {c.path}   [{levels}]")
             elif args.cmd == "similar":
                 req = pb.SimilarItemsRequest(item_id=args.item_id, filters=_filters(args), explain=args.explain)
                 if args.k is not None:

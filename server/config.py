@@ -77,6 +77,10 @@ class ServerConfig:
     # balancers reconnect and spread over new replicas. 0 = never.
     max_connection_age_s: float = 300.0
     workers: int = 1  # replica processes on this machine (`--workers N`: N processes on ports port..port+N-1)
+    # UpsertItems writes the classifier's category into an item that has none when its probability reaches the
+    # threshold (marked predicted; a merchant's category is never changed). Needs a bundle with a classifier.
+    autofill_categories: bool = True
+    autofill_threshold: float | None = None  # None = the bundle's (fitted on its dev split); 1 = never fill
 
     def __post_init__(self) -> None:
         problems = []
@@ -112,6 +116,8 @@ class ServerConfig:
             problems.append("max_connection_age_s must be >= 0 (0 = never)")
         if not 0 < self.admit_fraction <= 1:
             problems.append("admit_fraction must be in (0, 1]")
+        if self.autofill_threshold is not None and not 0 < self.autofill_threshold <= 1:
+            problems.append(f"autofill_threshold must be in (0, 1], got {self.autofill_threshold}")
         if self.max_live_users < 1:
             problems.append("max_live_users must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -223,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close client connections after this age so that they rebalance (0 = never)")
     p.add_argument("--workers", type=int, default=int(_env("workers", d.workers)),
                    help="replica processes on this machine, on ports PORT..PORT+N-1 (needs --state redis://)")
+    p.add_argument("--no-autofill-categories", dest="autofill_categories", action="store_false",
+                   default=_env("autofill_categories", "1").lower() not in ("0", "false", "no", "off"),
+                   help="UpsertItems never fills in a missing category from the bundle's classifier")
+    p.add_argument("--autofill-threshold", type=float, default=_env("autofill_threshold", None),
+                   help="fill a missing category when the classifier's probability is at least this "
+                        "(default: the bundle's threshold, fitted for 95%% precision on its dev split)")
     return p
 
 

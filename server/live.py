@@ -37,6 +37,7 @@ def same_item(items: ItemTable, row: int, item: dict[str, Any]) -> bool:
     same_price = (price is None and math.isnan(have)) or (price is not None and not math.isnan(have)
                                                           and abs(float(price) - have) < 1e-4)
     return (items.titles[row] == item["title"] and items.categories[row] == item.get("category", "")
+            and bool(items.category_predicted[row]) == bool(item.get("category_predicted"))
             and items.brands[row] == item.get("brand", "") and bool(items.in_stock[row]) == bool(item.get("in_stock"))
             and same_price)
 
@@ -99,7 +100,8 @@ def _append_lexical(lex: LexicalIndex, texts: list[str], titles: list[str], firs
 
 def _frame(items: ItemTable) -> pd.DataFrame:
     return pd.DataFrame({"item_id": items.ids, "title": items.titles, "category": items.categories,
-                         "brand": items.brands, "price": items.price.astype(np.float64), "in_stock": items.in_stock})
+                         "brand": items.brands, "price": items.price.astype(np.float64), "in_stock": items.in_stock,
+                         "category_predicted": items.category_predicted})
 
 
 def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[str], vectors: np.ndarray,
@@ -116,7 +118,8 @@ def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[s
             "item_id": [it["item_id"] for it in upserts], "title": [it["title"] for it in upserts],
             "category": [it.get("category", "") for it in upserts], "brand": [it.get("brand", "") for it in upserts],
             "price": [np.nan if it.get("price") is None else float(it["price"]) for it in upserts],
-            "in_stock": [bool(it.get("in_stock")) for it in upserts]})
+            "in_stock": [bool(it.get("in_stock")) for it in upserts],
+            "category_predicted": [bool(it.get("category_predicted")) for it in upserts]})
         frame = pd.concat([_frame(items), new], ignore_index=True)
         lex_cfg = bundle.manifest["lexical"]
         avgdl = float(lex_cfg.get("avgdl") or max(float(np.diff(bundle.lexical.title_indptr).mean()), 1.0))

@@ -35,18 +35,27 @@ class Metrics:
                                     ["batcher"], buckets=LATENCY_BUCKETS, registry=r)
         self.compute_time = Histogram("searchrec_compute_seconds", "compute time of one batch", ["batcher"],
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.autofill = Counter("searchrec_category_autofill", "items upserted without a category: filled by the "
+                                "classifier, or left empty (probability below the threshold)", ["result"],
+                                registry=r)
         self.denied = Counter("searchrec_denied", "calls refused by the access check, by method and code",
                               ["method", "code"], registry=r)
         self.holder = holder
         if holder is not None:
             r.register(_StateCollector(holder))
-            for stats in (holder.stats, holder.rec_stats, holder.encode_stats):
+            for stats in (holder.stats, holder.rec_stats, holder.encode_stats, holder.classify_stats):
                 stats.observer = self.observe_batch
         self.http = None
 
     def observe_rpc(self, method: str, seconds: float, code: str) -> None:
         self.rpc_latency.labels(method).observe(seconds)
         self.rpc_total.labels(method, code).inc()
+
+    def observe_autofill(self, filled: int, below: int) -> None:
+        if filled:
+            self.autofill.labels("filled").inc(filled)
+        if below:
+            self.autofill.labels("below_threshold").inc(below)
 
     def observe_denied(self, method: str, code: str) -> None:
         self.denied.labels(method.rsplit("/", 1)[-1], code).inc()
@@ -91,7 +100,8 @@ class _StateCollector:
             kind = b.name.split("[", 1)[0]
             depth.add_metric([kind], b.queue_depth)
             flight.add_metric([kind], b.in_flight)
-        for kind, stats in (("search", h.stats), ("recommend", h.rec_stats), ("encode", h.encode_stats)):
+        for kind, stats in (("search", h.stats), ("recommend", h.rec_stats), ("encode", h.encode_stats),
+                            ("classify", h.classify_stats)):
             for k, fam in counts.items():
                 fam.add_metric([kind], getattr(stats, k))
         yield depth
@@ -105,7 +115,8 @@ class _StateCollector:
         info = InfoMetricFamily("searchrec_bundle", "the bundle being served and where")
         info.add_metric([], {"version": bundle.version, "device": h.device, "dtype": h.dtype,
                              "native_bf16": str(h.cpu["native_bf16"]).lower(),
-                             "index_type": bundle.index_type, "recommender": str(bundle.rec is not None).lower()})
+                             "index_type": bundle.index_type, "recommender": str(bundle.rec is not None).lower(),
+                             "classifier": str(runtime.classifier is not None).lower()})
         yield info
         yield GaugeMetricFamily("searchrec_event_loop_lag_seconds",
                                 "how late the event loop runs timers (moving average; admission counts it)",

@@ -105,8 +105,8 @@ class Replica:
             if vectors is None:
                 from server.live import passage
 
-                done = await asyncio.gather(*(runtime.encode_batcher.submit(passage(it), None) for it in payload))
-                vectors = np.stack([d.value for d in done]).astype(np.float32)
+                done = await runtime.encode_batcher.submit([passage(it) for it in payload], None)
+                vectors = np.asarray(done.value, np.float32)
             await loop.run_in_executor(self.holder.compute, runtime.apply_live, payload, [], vectors, live.item_counts)
         else:
             live.apply_deletes(payload)

@@ -25,6 +25,7 @@ import torch
 from common.cpu import cpu_kind
 from common.encoding import TextEncoder
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
+from server.classify import ServedClassifier
 from server.bundle import Bundle, BundleError, load_bundle
 from server.config import ServerConfig
 from server.engine import SearchEngine
@@ -108,6 +109,8 @@ class Runtime:
     rec: RecEngine | None = None
     rec_batcher: DynamicBatcher | None = None
     encode_batcher: DynamicBatcher | None = None
+    classifier: ServedClassifier | None = None  # the bundle's product classifier, when it has one
+    classify_batcher: DynamicBatcher | None = None
     config: ServerConfig | None = None
     gate: ComputeGate = field(default_factory=ComputeGate)
 
@@ -123,9 +126,20 @@ class Runtime:
         with self.gate.shared():
             return self.rec.recommend_batch(queries)
 
-    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+    # The encode and classify batchers take one request's texts as one item (an UpsertItems or Classify of up
+    # to --max-write-batch entries is one entry of the queue, not hundreds) and run a batch of requests as
+    # one pass over all their texts.
+    def _encode(self, groups: list[list[str]]) -> list[np.ndarray]:
+        texts = [t for g in groups for t in g]
         with self.gate.shared():
-            return list(self.encoder.encode(texts, batch_size=max(len(texts), 1)))
+            vectors = self.encoder.encode(texts, batch_size=max(1, min(len(texts), ENCODE_CHUNK)))
+        return _split(vectors, groups)
+
+    def _classify(self, groups: list[list[str]]) -> list[np.ndarray]:
+        texts = [t for g in groups for t in g]
+        with self.gate.shared():
+            probs = self.classifier.probabilities(texts)
+        return _split(probs, groups)
 
     def similar(self, item_id: str, k: int, filters, explain: bool):
         """SimilarItems on a compute thread, beside the batches."""
@@ -133,7 +147,8 @@ class Runtime:
             return self.engine.similar(item_id, k, filters, explain, self.rec)
 
     def batchers(self) -> list[DynamicBatcher]:
-        return [b for b in (self.batcher, self.rec_batcher, self.encode_batcher) if b is not None]
+        return [b for b in (self.batcher, self.rec_batcher, self.encode_batcher, self.classify_batcher)
+                if b is not None]
 
     def apply_live(self, upserts: list[dict], deletes: list[str], vectors: np.ndarray,
                    live_counts: dict[str, float]) -> None:
@@ -152,6 +167,15 @@ class Runtime:
     async def close(self) -> None:
         for b in self.batchers():
             await b.close()
+
+
+ENCODE_CHUNK = 64  # texts per encoder forward pass when one batch holds many (attention memory grows with it)
+
+
+def _split(rows: np.ndarray, groups: list[list[str]]) -> list[np.ndarray]:
+    """Rows of a flattened batch back into one array per request."""
+    cuts = np.cumsum([len(g) for g in groups])[:-1]
+    return np.split(np.asarray(rows), cuts)
 
 
 def make_rec(bundle: Bundle, device: str, config: ServerConfig, live_counts: dict[str, float]) -> RecEngine | None:
@@ -192,7 +216,8 @@ def land_pending(runtime: Runtime, live: LiveState) -> None:
 def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                   executor: Executor, stats: BatcherStats, live: LiveState | None = None,
                   rec_stats: BatcherStats | None = None, encode_stats: BatcherStats | None = None,
-                  lag: LoopLag | None = None, workers: int = 1) -> Runtime:
+                  lag: LoopLag | None = None, workers: int = 1,
+                  classify_stats: BatcherStats | None = None) -> Runtime:
     """Load, verify and warm a bundle and land the live catalog changes it lacks (blocking; run it
     off the event loop)."""
     started = time.perf_counter()
@@ -206,12 +231,16 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     counts = dict(live.item_counts) if live is not None else {}
     engine = SearchEngine(bundle, encoder, config)
     runtime = Runtime(bundle, engine, None, encoder, make_rec(bundle, device, config, counts), config=config)  # type: ignore[arg-type]
+    if "classifier" in bundle.manifest:  # its files were verified with the rest of the bundle
+        runtime.classifier = ServedClassifier.load(bundle.path, device, dtype, config.autofill_threshold)
     if live is not None:
         land_pending(runtime, live)
     if config.warmup:
         runtime.engine.warmup()
         if runtime.rec is not None:
             warm_rec(runtime.rec)
+        if runtime.classifier is not None:
+            runtime.classifier.warmup()
     name = bundle.version
     shared = dict(max_batch_size=config.max_batch_size, max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
                   executor=executor, lag=lag, admit_fraction=config.admit_fraction, concurrency=workers)
@@ -221,11 +250,15 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                                              name=f"recommend[{name}]", **shared)
     runtime.encode_batcher = DynamicBatcher(runtime._encode, stats=encode_stats or BatcherStats(),
                                             name=f"encode[{name}]", **shared)
+    if runtime.classifier is not None:
+        runtime.classify_batcher = DynamicBatcher(runtime._classify, stats=classify_stats or BatcherStats(),
+                                                  name=f"classify[{name}]", **shared)
     small = "none" if bundle.scan_index is None else (
         f"{type(bundle.scan_index).__name__} up to {bundle.scan_batch_max} queries")
-    log.info("bundle %s ready in %.2fs: %d items, index %s (small batches: %s), recommender %s, device %s/%s",
-             bundle.version, time.perf_counter() - started, len(bundle.items), bundle.index_type, small,
-             "yes" if runtime.rec is not None else "no", device, dtype)
+    log.info("bundle %s ready in %.2fs: %d items, index %s (small batches: %s), recommender %s, classifier %s, "
+             "device %s/%s", bundle.version, time.perf_counter() - started, len(bundle.items), bundle.index_type,
+             small, "yes" if runtime.rec is not None else "no",
+             "yes" if runtime.classifier is not None else "no", device, dtype)
     return runtime
 
 
@@ -245,6 +278,7 @@ class RuntimeHolder:
         self.stats = BatcherStats()
         self.rec_stats = BatcherStats()
         self.encode_stats = BatcherStats()
+        self.classify_stats = BatcherStats()
         self.lag = LoopLag()  # event-loop lag, for deadline-aware admission
         # The in-memory view of the state: with the local store it is the state (replayed from its log);
         # with a shared store it is this replica's copy of the catalog changes and counters, and a cache of
@@ -271,7 +305,7 @@ class RuntimeHolder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self.loader, build_runtime, path, self.config, self.device, self.dtype, self.compute, self.stats,
-            self.live, self.rec_stats, self.encode_stats, self.lag, self.workers)
+            self.live, self.rec_stats, self.encode_stats, self.lag, self.workers, self.classify_stats)
 
     async def load_initial(self, path: Path) -> Runtime:
         self.lag.start()

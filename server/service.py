@@ -21,6 +21,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from common.classifier import item_text
 from common.text import has_control_chars
 from server.config import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
 from server.errors import (DeadlineExpired, FailedPrecondition, InvalidArgument, NotFound, Overloaded,
@@ -46,6 +47,8 @@ MAX_TITLE_CHARS = 500
 MAX_DESCRIPTION_CHARS = 5000
 MAX_ATTRIBUTES = 50
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # events may be stamped at most this far ahead of the server clock
+MAX_CLASSIFY_K = 50
+DEFAULT_CLASSIFY_K = 3
 
 # Domain error -> gRPC status: the one table.
 _STATUS = {
@@ -191,7 +194,8 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         price = float(it.price[hit.row])
         item = pb.ScoredItem(item_id=it.ids[hit.row], score=hit.score, title=it.titles[hit.row],
                              category=it.categories[hit.row], brand=it.brands[hit.row],
-                             in_stock=bool(it.in_stock[hit.row]))
+                             in_stock=bool(it.in_stock[hit.row]),
+                             category_predicted=bool(it.category_predicted[hit.row]))
         if not math.isnan(price):
             item.price = price
         for c in hit.explanation:
@@ -211,9 +215,18 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         )
         await self._consistent(request, context)
         runtime = self.holder.current  # this request finishes on this bundle, whatever swaps meanwhile
-        result = await runtime.batcher.submit(query, _deadline(context))
+        deadline = _deadline(context)
+        if request.classify_query:
+            self._classifier(runtime, "classify_query")
+            # The query's category is computed beside the search, in the classify batcher: no added wait.
+            result, cat = await asyncio.gather(runtime.batcher.submit(query, deadline),
+                                               runtime.classify_batcher.submit([query.text], deadline))
+            predicted = _prediction(runtime.classifier.top(cat.value[0], 1).predictions[0])
+        else:
+            result, predicted = await runtime.batcher.submit(query, deadline), None
         out = result.value
         return pb.SearchResponse(
+            predicted_category=predicted,
             items=[self._scored(runtime.bundle, h) for h in out.hits],
             bundle_version=runtime.version,
             timings=pb.Timings(queue_ms=1000 * result.queue_s, encode_ms=1000 * out.encode_s,
@@ -265,6 +278,10 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                                      applied_token=r.get("applied", ""), heartbeat_age_s=r.get("age_s", 0.0),
                                      state_up=r.get("store_up", False)) for r in fleet],
             stale_reads=store.stale_reads if store is not None else 0,
+            classifier=runtime.classifier is not None,
+            classifier_categories=runtime.classifier.categories if runtime.classifier is not None else 0,
+            autofill_threshold=runtime.classifier.threshold if runtime.classifier is not None else 0.0,
+            autofill_categories=self._autofills(runtime),
             native_bf16=self.holder.cpu["native_bf16"], cpu_flags=self.holder.cpu["cpu_flags"],
             batcher=pb.BatcherInfo(
                 max_batch_size=cfg.max_batch_size, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue,
@@ -282,6 +299,73 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         new, old, seconds = await (self.replica.reload(target) if self.replica is not None
                                    else self.holder.reload(target))
         return pb.ReloadBundleResponse(bundle_version=new.version, previous_version=old.version, load_s=seconds)
+
+    # --- Classify ----------------------------------------------------------------------------
+    @staticmethod
+    def _classifier(runtime, field: str):
+        if runtime.classifier is None:
+            raise FailedPrecondition(
+                f"bundle {runtime.version} has no classifier (its manifest has no 'classifier' part); build one "
+                "with `python -m training build ... --classifier` (or --classifier-from a build-classifier bundle)",
+                field=field)
+        return runtime.classifier
+
+    def _autofills(self, runtime) -> bool:
+        return (self.holder.config.autofill_categories and runtime.classifier is not None
+                and runtime.classifier.autofills)
+
+    @_rpc
+    async def Classify(self, request, context):
+        runtime = self.holder.current
+        clf = self._classifier(runtime, "bundle")
+        limit = self.holder.config.max_write_batch
+        n = len(request.items) + len(request.queries)
+        if n == 0:
+            raise InvalidArgument("give at least one entry in items or queries", field="items")
+        if n > limit:
+            raise InvalidArgument(f"items and queries have {n} entries together; the limit is {limit} per request",
+                                  field="items" if len(request.items) > len(request.queries) else "queries")
+        k = DEFAULT_CLASSIFY_K
+        if request.HasField("k"):
+            k = request.k
+            if not 1 <= k <= MAX_CLASSIFY_K:
+                raise InvalidArgument(f"k must be between 1 and {MAX_CLASSIFY_K}, got {k}", field="k")
+        texts = []
+        for i, it in enumerate(request.items):
+            f = f"items[{i}]"
+            title = _text_field(it.title, f"{f}.title", MAX_TITLE_CHARS, required=True)
+            _text_field(it.description, f"{f}.description", MAX_DESCRIPTION_CHARS, required=False)
+            brand = _text_field(it.brand, f"{f}.brand", MAX_FILTER_VALUE_CHARS, required=False)
+            _attributes(it.attributes, f)
+            texts.append(item_text(title, brand))
+        for i, q in enumerate(request.queries):
+            texts.append(_text_field(q, f"queries[{i}]", MAX_QUERY_CHARS, required=True))
+        result = await runtime.classify_batcher.submit(texts, _deadline(context))
+        out = [_classification(clf.top(row, k)) for row in result.value]
+        m = len(request.items)
+        return pb.ClassifyResponse(items=out[:m], queries=out[m:], bundle_version=runtime.version,
+                                   autofill_threshold=clf.threshold)
+
+    async def _autofill(self, runtime, items: list[dict], deadline: float | None) -> list:
+        """Fill in the category of items that have none where the classifier is sure enough (in place)."""
+        missing = [it for it in items if not it["category"]]
+        if not missing or not self._autofills(runtime):
+            return []
+        clf = runtime.classifier
+        result = await runtime.classify_batcher.submit([item_text(it["title"], it["brand"]) for it in missing],
+                                                       deadline)
+        fills = []
+        for it, row in zip(missing, result.value):
+            top = clf.top(row, 1).predictions[0]
+            filled = clf.fills(top.probability)
+            if filled:  # stored with the item: every replica, the log and a restart see the same category
+                it.update(category=top.path, category_predicted=True, category_probability=round(top.probability, 6))
+            fills.append(pb.CategoryFill(item_id=it["item_id"], category=top.path, probability=top.probability,
+                                         filled=filled))
+        if self.metrics is not None:
+            done = sum(f.filled for f in fills)
+            self.metrics.observe_autofill(done, len(fills) - done)
+        return fills
 
     # --- Recommend ---------------------------------------------------------------------------
     def _rec_query(self, runtime, user_id: str, recent: tuple[str, ...], k: int, filters: Filters,
@@ -409,13 +493,15 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                 raise InvalidArgument(f"items[{i}].item_id {items[-1]['item_id']!r} appears twice in this request",
                                       field=f"items[{i}].item_id")
             seen.add(items[-1]["item_id"])
+        deadline = _deadline(context)
+        # Before the encoding: the passage an item is encoded from includes its category.
+        fills = await self._autofill(self.holder.current, items, deadline)
         async with self.holder.catalog_lock:
             runtime = self.holder.current
-            deadline = _deadline(context)
-            vectors = await asyncio.gather(*(runtime.encode_batcher.submit(passage(it), deadline) for it in items))
-            matrix = np.stack([v.value for v in vectors]).astype(np.float32)
+            vectors = await runtime.encode_batcher.submit([passage(it) for it in items], deadline)
+            matrix = np.asarray(vectors.value, np.float32)
             token = await self.replica.write_catalog("upsert", items, matrix)  # durable before it is visible
-        return pb.UpsertItemsResponse(upserted=len(items), sequence_token=token)
+        return pb.UpsertItemsResponse(upserted=len(items), sequence_token=token, category_fills=fills)
 
     @_rpc
     async def DeleteItems(self, request, context):
@@ -454,13 +540,27 @@ def _item(it, f: str) -> dict:
         if math.isnan(it.price) or math.isinf(it.price) or it.price < 0:
             raise InvalidArgument(f"{f}.price must be a finite number >= 0, got {it.price}", field=f"{f}.price")
         item["price"] = float(it.price)
-    if len(it.attributes) > MAX_ATTRIBUTES:
-        raise InvalidArgument(f"{f}.attributes has {len(it.attributes)} entries; the limit is {MAX_ATTRIBUTES}",
-                              field=f"{f}.attributes")
-    item["attributes"] = {_text_field(k, f"{f}.attributes key", MAX_FILTER_VALUE_CHARS, required=True):
-                          _text_field(v, f"{f}.attributes[{k}]", MAX_FILTER_VALUE_CHARS, required=False)
-                          for k, v in it.attributes.items()}
+    item["attributes"] = _attributes(it.attributes, f)
     return item
+
+
+def _attributes(attributes, f: str) -> dict[str, str]:
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidArgument(f"{f}.attributes has {len(attributes)} entries; the limit is {MAX_ATTRIBUTES}",
+                              field=f"{f}.attributes")
+    return {_text_field(k, f"{f}.attributes key", MAX_FILTER_VALUE_CHARS, required=True):
+            _text_field(v, f"{f}.attributes[{k}]", MAX_FILTER_VALUE_CHARS, required=False)
+            for k, v in attributes.items()}
+
+
+def _prediction(p) -> "pb.CategoryPrediction":
+    """server.classify.Prediction -> pb.CategoryPrediction."""
+    return pb.CategoryPrediction(path=p.path, probability=p.probability,
+                                 levels=[pb.CategoryLevel(name=n, probability=q) for n, q in p.levels])
+
+
+def _classification(c) -> "pb.Classification":
+    return pb.Classification(categories=[_prediction(p) for p in c.predictions], confident=c.confident)
 
 
 def add_to_server(service: SearchRecommendService, server: grpc.aio.Server) -> None:

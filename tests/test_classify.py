@@ -110,8 +110,13 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 
 
 def test_calibration_helpers():
-    conf = np.array([0.99, 0.95, 0.9, 0.6, 0.5])
-    correct = np.array([True, True, True, False, True])
-    assert autofill_threshold(conf, correct, 0.95) == 0.9  # the three most confident are all right
+    # 200 confident predictions, all right, then 40 at 0.6 of which half are wrong: the threshold stops at 0.9.
+    conf = np.concatenate([np.linspace(0.99, 0.9, 200), np.full(40, 0.6)])
+    correct = np.concatenate([np.ones(200, bool), np.arange(40) % 2 == 0])
+    assert autofill_threshold(conf, correct, 0.95) == pytest.approx(0.9)
+    # Three right answers are not evidence of 95% precision (the lower bound, not the observed rate, decides).
+    assert autofill_threshold(np.array([0.99, 0.95, 0.9]), np.ones(3, bool), 0.95) == 1.0
+    # All right, but at a low confidence: the floor holds.
+    assert autofill_threshold(np.full(500, 0.3), np.ones(500, bool), 0.95) == 0.5
     assert ece(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([True, False])) == pytest.approx(0.25)
     assert SEP == " > "

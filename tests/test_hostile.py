@@ -62,7 +62,8 @@ def hstub(hostile_server):
 
 
 EXAMPLES = {"Search": 80, "Recommend": 60, "SimilarItems": 60, "Feedback": 60, "UpsertItems": 30,
-            "DeleteItems": 40, "ReloadBundle": 15, "GetInfo": 3}
+            "DeleteItems": 40, "ReloadBundle": 15, "GetInfo": 3,
+            "Classify": 10}  # this bundle has no classifier; test_classify_serving runs Classify on one that has
 
 
 @pytest.mark.parametrize("rpc", list(hostile.BUILDERS))

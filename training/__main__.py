@@ -7,6 +7,7 @@
     build --dataset beauty|online_retail --data-dir DIR --out DIR    sequential recommender bundle
     build --dataset seqfile --path FILE --out DIR        any 'user item item ...' file, same trainer
     build --catalog FILE --interactions CSV --out DIR    catalog + behaviour log (+ --events STATE_DIR)
+    build ... --classifier | --classifier-data CSV | --classifier-from DIR   any build, with a product classifier
     evaluate search --bundle DIR --judgments CSV [--json OUT] [--plot OUT.png]
     evaluate recommend --bundle DIR --dataset beauty|online_retail|seqfile [--path F] [--json OUT]
     build-classifier --data CSV --out DIR [--max-minutes M]   hierarchical product classifier bundle
@@ -94,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--name", default=None, help="bundle name prefix for the version")
     build.add_argument("--batch-size-encode", type=int, default=64)
     build.add_argument("--max-length", type=int, default=128)
+    cl = build.add_argument_group("classifier (a Classify RPC, category auto-fill and the query's category in Search)")
+    cl.add_argument("--classifier", action="store_true",
+                    help="train a product classifier on the catalog's own items (title and brand -> category)")
+    cl.add_argument("--classifier-data", type=Path, default=None,
+                    help="train it on this CSV item_id,title,category_path[,brand] instead of the catalog")
+    cl.add_argument("--classifier-from", type=Path, default=None,
+                    help="copy the classifier of this bundle (from build-classifier) instead of training one")
+    cl.add_argument("--classifier-minutes", type=float, default=15.0, help="classifier time budget")
+    cl.add_argument("--classifier-epochs", type=int, default=12, help="most classifier fine-tuning epochs")
     for step, text in (("prepare", "clean and validate data, split judgments by query"),
                        ("finetune-encoder", "fine-tune the encoder (needs prepare)"),
                        ("encode", "encode the catalog and build the indexes (stage bundle)"),
@@ -147,8 +157,13 @@ def cmd_build_classifier(args: argparse.Namespace) -> int:
         raise DeviceError("build-classifier trains on the CPU for now; pass --device cpu")
     bf16 = resolve_dtype(device, args.dtype) == "bfloat16"
     summary = build_classifier(args.data, args.out, args.max_minutes, args.epochs, args.seed, args.encoder, bf16)
+    _print_classifier_summary(args.out, summary, bf16)
+    return 0
+
+
+def _print_classifier_summary(out: Path, summary: dict, bf16: bool) -> None:
     rows, test = summary["rows"], summary.get("test", {})
-    print(f"\nclassifier bundle {args.out}: {summary['leaves']} leaf paths, depth {summary['depth']}, "
+    print(f"\nclassifier bundle {out}: {summary['leaves']} leaf paths, depth {summary['depth']}, "
           f"built in {summary['build_s'] / 60:.1f} min ({'bf16' if bf16 else 'fp32'})")
     print(f"  rows: train {rows['train']}, dev {rows['dev']}, test {rows['test']}")
     for e in summary["dense"]["epochs"]:
@@ -156,11 +171,10 @@ def cmd_build_classifier(args: argparse.Namespace) -> int:
               f"{e['seconds'] / 60:.1f} min")
     b = summary["blend"]
     print(f"  blend: network weight {b['dense_weight']:.2f}, temperature {b['temperature']:.3f}; auto-fill "
-          f"threshold {summary['autofill_threshold']:.3f} (dev precision >= 0.95)")
+          f"threshold {summary['autofill_threshold']:.3f} (95% sure of dev precision >= 0.95; never below 0.5)")
     if test:
         print(f"  test: leaf accuracy {test['leaf_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
               f"top level {test['top_accuracy']:.4f}, ECE {test['ece']:.4f} ({test['rows']} rows)")
-    return 0
 
 
 def _data_dir(args) -> Path:
@@ -247,7 +261,53 @@ def cmd_build_rec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_with_classifier(args: argparse.Namespace) -> int:
+    """Any build plus a classifier: trained (or copied) first, the bundle built in a hidden sibling folder,
+    the classifier attached and the folder renamed to --out only when all of it is there."""
+    import shutil
+
+    from training.classifier_build import attach_classifier, build_classifier, check_classifier
+
+    out = args.out
+    if out.exists():
+        raise FileExistsError(f"{out}: output directory already exists; choose a new path")
+    if sum(map(bool, (args.classifier, args.classifier_data, args.classifier_from))) > 1:
+        raise DataError("give one of --classifier, --classifier-data CSV, --classifier-from DIR")
+    source = args.classifier_from
+    if source is not None:
+        check_classifier(source)  # before the build, not after it
+    else:
+        data = args.classifier_data or args.catalog
+        if data is None:
+            raise DataError("--classifier trains on the catalog's items: give --catalog FILE, or --classifier-data CSV")
+        device = resolve_device(args.device)
+        bf16 = device == "cpu" and resolve_dtype(device, args.dtype) == "bfloat16"
+    building = out.parent / f".{out.name}.building-{os.getpid()}"
+    trained = out.parent / f".{out.name}.classifier-{os.getpid()}"
+    try:
+        if source is None:
+            summary = build_classifier(Path(data), trained, args.classifier_minutes, args.classifier_epochs, args.seed,
+                                       args.encoder, bf16)
+            _print_classifier_summary(trained, summary, bf16)
+            source = trained
+        work = args.work or out.parent / f"{out.name}.work"
+        inner = argparse.Namespace(**{**vars(args), "out": building, "work": work, "classifier": False,
+                                      "classifier_data": None, "classifier_from": None})
+        cmd_build(inner)
+        manifest = attach_classifier(building, source)
+        os.rename(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(trained, ignore_errors=True)
+    meta = manifest["classifier"]
+    print(f"bundle {manifest['bundle_version']} -> {out} (with a classifier over {meta['leaves']} categories, "
+          f"auto-fill threshold {meta['autofill_threshold']:.3f})")
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    if getattr(args, "classifier", False) or getattr(args, "classifier_data", None) or getattr(args, "classifier_from", None):
+        return cmd_build_with_classifier(args)
     started = time.perf_counter()
     if args.dataset in REC_DATASETS or (args.interactions and not args.judgments):
         return cmd_build_rec(args)

@@ -4,7 +4,8 @@ The fine-tuned part: MiniLM (mean pooling) -> dropout -> linear head over the le
 class weights 1/sqrt(frequency) (the long tail counts, without letting a 3-row leaf dominate), AdamW, linear
 decay, epochs until the time budget; the epoch with the best dev accuracy is kept. Then, on the dev split:
 a temperature for the SVM's scores and one for the network's logits, the blend weight (grid, best dev leaf
-accuracy), a final temperature (calibration), and the auto-fill threshold (dev precision >= 0.95).
+accuracy), a final temperature (calibration), and the auto-fill threshold (the lowest confidence whose dev
+precision is >= 0.95 with 95% confidence, never below 0.5; see `autofill_threshold`).
 """
 from __future__ import annotations
 
@@ -21,44 +22,13 @@ import torch
 from tqdm import tqdm
 
 from common.bundle_format import MANIFEST, SCHEMA_VERSION, checksum_tree
+from common.classifier import MAX_LENGTH, Classifier, DenseClassifier, logits_of, token_batches
 from training.classify import (CLASSIFIER_DIR, SparseModel, Taxonomy, autofill_threshold, ece, file_fingerprint,
-                               fit_temperature, read_catalog, scores, seed_everything, softmax, split_of)
+                               fit_temperature, read_catalog, scores, seed_everything, softmax, split_of,
+                               texts_of)
 
 log = logging.getLogger(__name__)
-MAX_LENGTH = 40
 AUTOFILL_PRECISION = 0.95
-
-
-class DenseClassifier(torch.nn.Module):
-    def __init__(self, encoder, n_classes: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.dropout = torch.nn.Dropout(dropout)
-        self.head = torch.nn.Linear(encoder.config.hidden_size, n_classes)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-        return self.head(self.dropout(pooled))
-
-
-def _batches(tok, texts: list[str], batch: int, order: np.ndarray):
-    for i in range(0, len(order), batch):
-        idx = order[i: i + batch]
-        enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-        yield idx, enc
-
-
-def logits_of(model: DenseClassifier, tok, texts: list[str], bf16: bool, batch: int = 128) -> np.ndarray:
-    """(n, classes) logits, in length-sorted batches (less padding), returned in the input order."""
-    model.eval()
-    out = np.zeros((len(texts), model.head.out_features), np.float32)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for idx, enc in _batches(tok, texts, batch, order):
-            out[idx] = model(enc["input_ids"], enc["attention_mask"]).float().numpy()
-    return out
 
 
 def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: int, dev_texts: list[str],
@@ -97,7 +67,7 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
         rng.shuffle(blocks)
         order = np.concatenate(blocks)
         total, seen, out_of_time = 0.0, 0, False
-        bar = tqdm(_batches(tok, texts, batch, order), total=steps_per_epoch, desc=f"classifier epoch {epoch + 1}",
+        bar = tqdm(token_batches(tok, texts, batch, order), total=steps_per_epoch, desc=f"classifier epoch {epoch + 1}",
                    leave=False)
         for idx, enc in bar:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -132,42 +102,6 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
             break
     model.load_state_dict(best)
     return model, tok, {"epochs": history, "best_dev_leaf_accuracy": best_acc, "batch_size": batch}
-
-
-class Classifier:
-    """A trained classifier (fresh from training or loaded from a bundle): leaf probabilities for texts."""
-
-    def __init__(self, tax: Taxonomy, sparse: SparseModel, dense: DenseClassifier, tok, blend: dict, bf16: bool):
-        self.tax, self.sparse, self.dense, self.tok, self.blend, self.bf16 = tax, sparse, dense, tok, blend, bf16
-
-    def combined_logits(self, sparse_scores: np.ndarray, dense_logits: np.ndarray) -> np.ndarray:
-        b = self.blend
-        log_s = np.log(np.clip(softmax(sparse_scores / b["svm_temperature"]), 1e-12, 1))
-        log_d = np.log(np.clip(softmax(dense_logits / b["dense_temperature"]), 1e-12, 1))
-        return b["dense_weight"] * log_d + (1 - b["dense_weight"]) * log_s
-
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
-        z = self.combined_logits(self.sparse.scores(texts), logits_of(self.dense, self.tok, texts, self.bf16))
-        return softmax(z / self.blend["temperature"])
-
-    @classmethod
-    def load(cls, bundle: Path, bf16: bool | None = None) -> "Classifier":
-        from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
-
-        manifest = json.loads((Path(bundle) / MANIFEST).read_text())
-        meta = manifest.get("classifier")
-        if meta is None:
-            raise FileNotFoundError(f"{bundle}: the bundle has no classifier (manifest has no 'classifier' part)")
-        root = Path(bundle) / CLASSIFIER_DIR
-        tax = Taxonomy(json.loads((root / "taxonomy.json").read_text())["leaves"])
-        tok = AutoTokenizer.from_pretrained(root / "encoder")
-        dense = DenseClassifier(AutoModel.from_pretrained(root / "encoder"), len(tax.leaves))
-        head = load_file(root / "head.safetensors")
-        dense.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
-        sparse = SparseModel.load(root / "sparse", meta["sparse"])
-        use_bf16 = meta.get("bf16", False) if bf16 is None else bf16
-        return cls(tax, sparse, dense, tok, meta["blend"], use_bf16)
 
 
 def fit_blend(sparse_scores: np.ndarray, dense_logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -205,7 +139,7 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
     tax = Taxonomy.from_paths(pd_concat_paths(train, dev))
     y_train = np.array([tax.index[p] for p in train["category_path"]])
     y_dev = np.array([tax.index[p] for p in dev["category_path"]])
-    t_train, t_dev = train["title"].tolist(), dev["title"].tolist()
+    t_train, t_dev = texts_of(train), texts_of(dev)
     print(f"{data.name}: {len(df)} rows (train {len(train)}, dev {len(dev)}, test {len(test)}), "
           f"{len(tax.leaves)} leaf paths, depth {tax.depth}", flush=True)
     sparse = SparseModel().fit(t_train, y_train, len(tax.leaves))
@@ -225,7 +159,7 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
                                "autofill_threshold": threshold, "dense": report, "sparse_fit_s": sparse_s}
     if len(test):
         known = test[test["category_path"].isin(tax.index)]
-        probs = clf.predict_proba(test["title"].tolist())
+        probs = clf.predict_proba(texts_of(test))
         summary["test"] = {**scores(tax, test["category_path"].tolist(), probs.argmax(1)),
                            "ece": ece(probs, probs.argmax(1) == np.array([tax.index.get(p, -1)
                                                                            for p in test["category_path"]])),
@@ -255,6 +189,46 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
     manifest["files"] = checksum_tree(out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return summary
+
+
+def check_classifier(source: Path) -> dict[str, Any]:
+    """The manifest of a bundle with a classifier whose files match their checksums (else a clear error)."""
+    path = Path(source) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: not a bundle (no {MANIFEST})")
+    src = json.loads(path.read_text())
+    meta = src.get("classifier")
+    if meta is None:
+        raise FileNotFoundError(f"{source}: the bundle has no classifier (its manifest has no 'classifier' part)")
+    part = meta.get("path", CLASSIFIER_DIR)
+    listed = {rel: digest for rel, digest in src.get("files", {}).items() if rel.startswith(part + "/")}
+    if not listed:
+        raise ValueError(f"{source}: the manifest lists no files under {part}/")
+    have = checksum_tree(Path(source) / part)
+    for rel, digest in listed.items():
+        if have.get(rel[len(part) + 1:]) != digest:
+            raise ValueError(f"{source}: {rel} does not match its checksum in the manifest; the classifier is damaged")
+    return src
+
+
+def attach_classifier(bundle: Path, source: Path) -> dict[str, Any]:
+    """Copy the classifier part of `source` (a classifier bundle, checked against its own checksums) into the
+    search bundle `bundle` and seal it again (new checksums, new version). The caller builds `bundle` in a
+    temporary folder and renames it into place afterwards, so no reader sees it half done."""
+    import shutil
+
+    from training.bundle_writer import seal
+
+    src = check_classifier(source)
+    meta = src["classifier"]
+    part = meta.get("path", CLASSIFIER_DIR)
+    target = Path(bundle) / CLASSIFIER_DIR
+    if target.exists():
+        raise FileExistsError(f"{bundle}: already has a {CLASSIFIER_DIR}/ part")
+    shutil.copytree(Path(source) / part, target)
+    manifest = json.loads((Path(bundle) / MANIFEST).read_text())
+    manifest["classifier"] = {**meta, "path": CLASSIFIER_DIR, "source_bundle": src.get("bundle_version", "")}
+    return seal(Path(bundle), manifest)
 
 
 def pd_concat_paths(*frames) -> list[str]:
@@ -295,7 +269,7 @@ def evaluate_classifier(bundle: Path, data: Path, json_out: Path | None, plot: P
     same_file = file_fingerprint(data) == train_info["sha256"]
     if same_file:  # the build's own file: score its test split only, never rows it trained or tuned on
         df = df[[split_of(t) == "test" for t in df["title"]]]
-    texts, truth = df["title"].tolist(), df["category_path"].tolist()
+    texts, truth = texts_of(df), df["category_path"].tolist()
     y_true = np.array([tax.index.get(p, -1) for p in truth])
     probs = clf.predict_proba(texts)
     pred = probs.argmax(1)
@@ -306,9 +280,10 @@ def evaluate_classifier(bundle: Path, data: Path, json_out: Path | None, plot: P
             "autofill_coverage": float(filled.mean()),
             "autofill_precision": float((pred[filled] == y_true[filled]).mean()) if filled.any() else 0.0}
     train_y = np.array([tax.index[p] for p in train_df["category_path"]])
-    svm = SparseModel(C=float(meta["sparse"]["C"])).fit(train_df["title"].tolist(), train_y, len(tax.leaves))
+    train_texts = texts_of(train_df)
+    svm = SparseModel(C=float(meta["sparse"]["C"])).fit(train_texts, train_y, len(tax.leaves))
     result = {"model": ours, "tfidf_svm": scores(tax, truth, svm.scores(texts).argmax(1)),
-              "zero_shot": scores(tax, truth, zero_shot(train_df["title"].tolist(), train_y, len(tax.leaves), texts)),
+              "zero_shot": scores(tax, truth, zero_shot(train_texts, train_y, len(tax.leaves), texts)),
               "data": str(data), "scored_split": "test (the bundle's own file)" if same_file else "all rows",
               "bundle": manifest["bundle_version"], "leaves": len(tax.leaves)}
     if json_out is not None:
