@@ -6,8 +6,9 @@ baseline in the same run (one server process, closed-loop gRPC clients, medians 
 - Search with `classify_query` vs the same Search without it, one client: the added latency (the query's
   category is computed in the classify batcher beside the search).
 - Classify, one query a call, 1 and 8 clients: calls/s and latency (8 clients: requests share batches).
-- Classify, 32 items a call, served vs the same model in this process on the same texts (`Classifier.
-  predict_proba`, batches of 32): items/s and the served share of the in-process rate.
+- Classify, 32 items a call, served vs the same engine in this process on the same texts (batches of 32, the
+  torch threads of one server compute thread): items/s and the served share of the in-process rate; and that
+  engine vs the training side's eager network (`Classifier.predict_proba`, autocast) on the same texts.
 
 Without --bundle it uses bundles/sample-classifier, building it first if needed (the sample catalog with a
 classifier trained on its own categories, 4 epochs). The network's cost does not depend on the taxonomy;
@@ -112,16 +113,33 @@ def run(bundle: Path, seconds: float, rounds: int) -> dict:
             for name, (fn, n, clients) in plan.items():
                 measured[name].append(closed_loop(fn, n, clients, seconds))
         rows = {k: median_row(v) for k, v in measured.items()}
-    clf = Classifier.load(bundle, bf16=result["served_dtype"] == "bfloat16")
-    clf.predict_proba(titles[:64])
-    per_round = []
-    for _ in range(rounds):
-        t0, done = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            clf.predict_proba(groups[done % len(groups)])
-            done += 1
-        per_round.append(done * 32 / (time.perf_counter() - t0))
-    in_process = statistics.median(per_round)
+    # In process, with the torch threads one compute thread of the server gets: the served engine
+    # (ServedClassifier: traced encoder, numpy head) and the training side's eager network (autocast).
+    import torch
+
+    from common.bundle_format import read_manifest
+    from server.classify import ServedClassifier
+    from server.config import ServerConfig, compute_plan
+
+    _workers, threads = compute_plan(ServerConfig(bundle=bundle))
+    torch.set_num_threads(threads)
+    engine = ServedClassifier.load(bundle, read_manifest(bundle)["files"], "cpu", result["served_dtype"], None)
+    eager = Classifier.load(bundle, bf16=result["served_dtype"] == "bfloat16")
+    rates = {}
+    for name, fn in (("engine", engine.probabilities), ("eager", eager.predict_proba)):
+        fn(titles[:64])
+        per_round = []
+        for _ in range(rounds):
+            t0, done = time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                fn(groups[done % len(groups)])
+                done += 1
+            per_round.append(done * 32 / (time.perf_counter() - t0))
+        rates[name] = statistics.median(per_round)
+    same = np.mean(engine.probabilities(titles).argmax(1) == eager.predict_proba(titles).argmax(1))
+    in_process = rates["engine"]
+    result.update(torch_threads=threads, in_process_eager_items_per_s=rates["eager"],
+                  engine_over_eager=rates["engine"] / rates["eager"], engine_eager_top1_agreement=float(same))
     served_items = rows["classify_32_items"]["calls_per_s"] * 32
     result.update(
         rows=rows, in_process_items_per_s=in_process, served_items_per_s=served_items,
@@ -144,7 +162,12 @@ def report(res: dict) -> str:
         f"Classify, 1 query a call: p50 {res['classify_p50_ms']:.1f} ms; 8 clients / 1 client calls/s: "
         f"{res['classify_batching_gain']:.2f}x",
         f"Classify, 32 items a call: {res['served_items_per_s']:.0f} items/s served vs "
-        f"{res['in_process_items_per_s']:.0f} in process (served / in process {res['served_over_in_process']:.2f})"])
+        f"{res['in_process_items_per_s']:.0f} in process, same engine and {res['torch_threads']} torch thread(s) "
+        f"(served / in process {res['served_over_in_process']:.2f})",
+        f"the served engine (traced encoder, numpy head) vs the training side's eager network: "
+        f"{res['in_process_items_per_s']:.0f} vs {res['in_process_eager_items_per_s']:.0f} items/s "
+        f"({res['engine_over_eager']:.2f}x), same top category for {100 * res['engine_eager_top1_agreement']:.1f}% "
+        f"of the catalog's items"])
 
 
 def main() -> None:

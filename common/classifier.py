@@ -206,10 +206,7 @@ class Classifier:
         self.meta = meta or {}
 
     def combined_logits(self, sparse_scores: np.ndarray, dense_logits: np.ndarray) -> np.ndarray:
-        b = self.blend
-        log_s = np.log(np.clip(softmax(sparse_scores / b["svm_temperature"]), 1e-12, 1))
-        log_d = np.log(np.clip(softmax(dense_logits / b["dense_temperature"]), 1e-12, 1))
-        return b["dense_weight"] * log_d + (1 - b["dense_weight"]) * log_s
+        return blend_logits(self.blend, sparse_scores, dense_logits)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """(n, leaves) calibrated probabilities of each leaf path."""
@@ -220,8 +217,44 @@ class Classifier:
     @classmethod
     def load(cls, bundle: Path, bf16: bool | None = None, device: str = "cpu") -> "Classifier":
         """The classifier part of a bundle (the caller has verified the bundle's checksums)."""
-        from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
+
+        parts = ClassifierParts.load(bundle)
+        tok = AutoTokenizer.from_pretrained(parts.root / "encoder")
+        dense = DenseClassifier(AutoModel.from_pretrained(parts.root / "encoder", use_safetensors=True),
+                                len(parts.tax.leaves))
+        dense.head.load_state_dict({"weight": torch.from_numpy(parts.head_weight),
+                                    "bias": torch.from_numpy(parts.head_bias)})
+        dense.eval()
+        if device.startswith("cuda"):
+            dense = dense.to(device).half()
+        use_bf16 = parts.meta.get("bf16", False) if bf16 is None else bf16
+        return cls(parts.tax, parts.sparse, dense, tok, parts.meta["blend"], use_bf16, device, parts.meta)
+
+
+def blend_logits(blend: dict, sparse_scores: np.ndarray, dense_logits: np.ndarray) -> np.ndarray:
+    """The blend of the two models' log-probabilities (before the final temperature)."""
+    log_s = np.log(np.clip(softmax(sparse_scores / blend["svm_temperature"]), 1e-12, 1))
+    log_d = np.log(np.clip(softmax(dense_logits / blend["dense_temperature"]), 1e-12, 1))
+    return blend["dense_weight"] * log_d + (1 - blend["dense_weight"]) * log_s
+
+
+@dataclass
+class ClassifierParts:
+    """Everything of a bundle's classifier but the network's encoder: what a caller with its own way of
+    running the encoder (the server's TextEncoder: traced, bf16 weights, graph cache) needs beside it.
+    The network's logits are mean_pool(encoder(text)) @ head_weight.T + head_bias."""
+
+    meta: dict[str, Any]
+    root: Path  # the classifier folder; its encoder is root / "encoder"
+    tax: Taxonomy
+    sparse: SparseModel
+    head_weight: np.ndarray  # float32 (leaves, hidden)
+    head_bias: np.ndarray  # float32 (leaves,)
+
+    @classmethod
+    def load(cls, bundle: Path) -> "ClassifierParts":
+        from safetensors.numpy import load_file
 
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())
         meta = manifest.get("classifier")
@@ -229,13 +262,12 @@ class Classifier:
             raise FileNotFoundError(f"{bundle}: the bundle has no classifier (manifest has no 'classifier' part)")
         root = Path(bundle) / meta.get("path", CLASSIFIER_DIR)
         tax = Taxonomy(json.loads((root / "taxonomy.json").read_text())["leaves"])
-        tok = AutoTokenizer.from_pretrained(root / "encoder")
-        dense = DenseClassifier(AutoModel.from_pretrained(root / "encoder", use_safetensors=True), len(tax.leaves))
         head = load_file(root / "head.safetensors")
-        dense.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
-        dense.eval()
-        if device.startswith("cuda"):
-            dense = dense.to(device).half()  # the serving policy on GPU: half precision
         sparse = SparseModel.load(root / "sparse", meta["sparse"])
-        use_bf16 = meta.get("bf16", False) if bf16 is None else bf16
-        return cls(tax, sparse, dense, tok, meta["blend"], use_bf16, device, meta)
+        return cls(meta, root, tax, sparse, head["weight"].astype(np.float32), head["bias"].astype(np.float32))
+
+    def probabilities(self, texts: list[str], pooled: np.ndarray) -> np.ndarray:
+        """(n, leaves) calibrated probabilities from the texts and their mean-pooled encoder states."""
+        dense = pooled.astype(np.float32) @ self.head_weight.T + self.head_bias
+        z = blend_logits(self.meta["blend"], self.sparse.scores(texts), dense)
+        return softmax(z / self.meta["blend"]["temperature"])

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.classifier import Classifier
+from common.classifier import MAX_LENGTH, ClassifierParts
+from common.encoding import TextEncoder
 
 log = logging.getLogger(__name__)
 WARMUP_TEXTS = ("cordless drill", "Stainless steel kitchen sink with drain", "Kids building blocks set 100 pieces")
@@ -38,30 +39,39 @@ class Classification:
 
 
 class ServedClassifier:
-    """A bundle's classifier loaded for serving."""
+    """A bundle's classifier loaded for serving: its network's encoder runs as the search encoder does
+    (`TextEncoder`: TorchScript-traced on CPU, bf16 weights on a CPU with native bf16, the graph cache),
+    the head, the TF-IDF SVM and the blend in numpy."""
 
-    def __init__(self, clf: Classifier, threshold: float) -> None:
-        self.clf = clf
+    def __init__(self, parts: ClassifierParts, encoder: TextEncoder | None, threshold: float) -> None:
+        self.parts = parts
+        self.encoder = encoder
         self.threshold = threshold
 
     @classmethod
-    def load(cls, bundle_path: Path, device: str, dtype: str, threshold: float | None) -> "ServedClassifier":
-        """threshold: the server's override of the bundle's auto-fill threshold (None = the bundle's)."""
+    def load(cls, bundle_path: Path, files: dict[str, str], device: str, dtype: str, threshold: float | None,
+             trace: bool = True, graph_cache: Path | None = None) -> "ServedClassifier":
+        """files: the bundle manifest's checksums (verified by the loader: they key the graph cache).
+        threshold: the server's override of the bundle's auto-fill threshold (None = the bundle's)."""
         started = time.perf_counter()
-        # The network runs in bf16 where the encoder does (a bf16 CPU); int8 is the search encoder's own
-        # quantization and leaves this network in fp32.
-        clf = Classifier.load(bundle_path, bf16=device == "cpu" and dtype == "bfloat16", device=device)
-        bundle_threshold = float(clf.meta["autofill_threshold"])
-        served = cls(clf, bundle_threshold if threshold is None else threshold)
-        log.info("classifier: %d categories, depth %d, auto-fill threshold %.3f%s, loaded in %.2fs",
-                 len(clf.tax.leaves), clf.tax.depth, served.threshold,
+        parts = ClassifierParts.load(bundle_path)
+        prefix = f"{parts.meta.get('path', 'classifier')}/encoder/"
+        digests = {n: files[prefix + n] for n in ("config.json", "model.safetensors") if prefix + n in files}
+        # int8 is the search encoder's quantization, not measured on this network: it stays fp32 there.
+        encoder = TextEncoder(parts.root / "encoder", device=device, dtype="float32" if dtype == "int8" else dtype,
+                              max_length=MAX_LENGTH, pooling="mean", normalize=False, trace=trace,
+                              graph_cache=graph_cache, digests=digests if len(digests) == 2 else None)
+        bundle_threshold = float(parts.meta["autofill_threshold"])
+        served = cls(parts, encoder, bundle_threshold if threshold is None else threshold)
+        log.info("classifier: %d categories, depth %d, network %s, auto-fill threshold %.3f%s, loaded in %.2fs",
+                 len(parts.tax.leaves), parts.tax.depth, encoder.dtype, served.threshold,
                  "" if threshold is None else f" (override; the bundle's is {bundle_threshold:.3f})",
                  time.perf_counter() - started)
         return served
 
     @property
     def categories(self) -> int:
-        return len(self.clf.tax.leaves)
+        return len(self.parts.tax.leaves)
 
     @property
     def autofills(self) -> bool:
@@ -70,13 +80,14 @@ class ServedClassifier:
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """(len(texts), categories) leaf probabilities."""
-        return self.clf.predict_proba(texts).astype(np.float32)
+        pooled = self.encoder.encode(texts, batch_size=max(1, min(len(texts), 64)))
+        return self.parts.probabilities(texts, pooled).astype(np.float32)
 
     def top(self, probs: np.ndarray, k: int) -> Classification:
         k = min(k, len(probs))
         best = np.argpartition(-probs, k - 1)[:k]
         best = best[np.argsort(-probs[best], kind="stable")]
-        tax = self.clf.tax
+        tax = self.parts.tax
         preds = tuple(Prediction(tax.leaves[i], float(probs[i]), tuple(tax.path_levels(int(i), probs))) for i in best)
         return Classification(preds, self.fills(preds[0].probability))
 

@@ -232,7 +232,9 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     engine = SearchEngine(bundle, encoder, config)
     runtime = Runtime(bundle, engine, None, encoder, make_rec(bundle, device, config, counts), config=config)  # type: ignore[arg-type]
     if "classifier" in bundle.manifest:  # its files were verified with the rest of the bundle
-        runtime.classifier = ServedClassifier.load(bundle.path, device, dtype, config.autofill_threshold)
+        runtime.classifier = ServedClassifier.load(bundle.path, bundle.manifest["files"], device, dtype,
+                                                   config.autofill_threshold, config.encoder_trace,
+                                                   config.encoder_cache)
     if live is not None:
         land_pending(runtime, live)
     if config.warmup:

@@ -252,7 +252,7 @@ def test_top_and_fills_rules():
     class Stub:
         tax = Taxonomy.from_paths(TREE)
 
-    served = ServedClassifier(Stub(), threshold=0.6)
+    served = ServedClassifier(Stub(), None, threshold=0.6)
     probs = np.zeros(len(TREE), np.float32)
     probs[Stub.tax.index["Garden > Hoses"]] = 0.6
     probs[Stub.tax.index["Garden > Tools > Spades"]] = 0.3
@@ -261,9 +261,23 @@ def test_top_and_fills_rules():
     assert [p.path for p in top.predictions] == ["Garden > Hoses", "Garden > Tools > Spades"] and top.confident
     assert top.predictions[1].levels == (("Garden", pytest.approx(0.9)), ("Garden > Tools", pytest.approx(0.3)),
                                          ("Garden > Tools > Spades", pytest.approx(0.3)))
-    assert not ServedClassifier(Stub(), threshold=0.61).top(probs, 1).confident
-    never = ServedClassifier(Stub(), threshold=1.0)
+    assert not ServedClassifier(Stub(), None, threshold=0.61).top(probs, 1).confident
+    never = ServedClassifier(Stub(), None, threshold=1.0)
     assert not never.autofills and not never.fills(1.0)
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["eager", "traced"])
+def test_served_probabilities_match_the_training_side_model(clf_bundle, trace, tmp_path):
+    # fp32: the server's path (TextEncoder mean pooling + numpy head) against the training side's network.
+    from common.bundle_format import read_manifest
+    from common.classifier import Classifier
+    from server.classify import ServedClassifier
+
+    texts = [LOCOMOTIVE, HOSE, "jigsaw puzzle", "a b c", "Jade floor puzzle classic 7 with a much longer title " * 3]
+    served = ServedClassifier.load(clf_bundle, read_manifest(clf_bundle)["files"], "cpu", "float32", None,
+                                   trace=trace, graph_cache=tmp_path)
+    reference = Classifier.load(clf_bundle, bf16=False).predict_proba(texts)
+    assert np.allclose(served.probabilities(texts), reference, atol=1e-4)
 
 
 def test_classifier_from_copies_a_verified_classifier_and_refuses_a_damaged_one(tmp_path, capsys):
