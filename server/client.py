@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.k is not None:
                     req.k = args.k
                 resp = stub.Classify(req, timeout=args.timeout)
-                print(f"bundle {resp.bundle_version} (auto-fill threshold {resp.autofill_threshold:.2f})")
+                never = resp.autofill_threshold >= 1.0
+                print(f"bundle {resp.bundle_version}: auto-fill threshold {resp.autofill_threshold:.2f}"
+                      + (" (its dev split could not show 95% precision: it never fills in a category)" if never else ""))
                 for text, res in zip(list(args.titles) + args.query, list(resp.items) + list(resp.queries)):
-                    print(f"{text}{'' if res.confident else '   (not confident enough to auto-fill)'}")
+                    print(f"{text}{'' if res.confident or never else '   (below the auto-fill threshold)'}")
                     for c in res.categories:
                         levels = " | ".join(f"{lv.name.split(' > ')[-1]} {lv.probability:.2f}" for lv in c.levels)
                         print(f"  {c.probability:6.3f}  {c.path}   [{levels}]")

@@ -10,7 +10,8 @@ import pytest
 
 from common.bundle_format import MANIFEST, checksum_tree
 from training.__main__ import main as training_main
-from training.classify import SEP, ClassifyDataError, Taxonomy, autofill_threshold, ece, read_catalog, split_of
+from training.classify import (SEP, ClassifyDataError, Taxonomy, autofill_threshold, ece, fit_temperature, nll,
+                               read_catalog, softmax, split_of)
 
 TREE = {
     "Toys > Vehicles > Trains": ["steam locomotive", "railway wagon", "track set", "train engine"],
@@ -119,4 +120,16 @@ def test_calibration_helpers():
     # All right, but at a low confidence: the floor holds.
     assert autofill_threshold(np.full(500, 0.3), np.ones(500, bool), 0.95) == 0.5
     assert ece(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([True, False])) == pytest.approx(0.25)
+    # Every dev row right: the likelihood alone would take the temperature to its lowest value (probabilities
+    # of 1.0); the fitted one keeps the mean top probability within the Laplace-smoothed accuracy.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 8, 39)
+    logits = rng.normal(size=(39, 8))
+    logits[np.arange(39), y] += 6
+    t = fit_temperature(logits, y)
+    assert t > 0.5 and softmax(logits / t).max(1).mean() <= 40 / 41
+    # With errors the likelihood has a minimum, and that is the temperature.
+    logits[:5, y[:5]] -= 12
+    t = fit_temperature(logits, y)
+    assert nll(softmax(logits / t), y) <= min(nll(softmax(logits / u), y) for u in (0.5 * t, 2 * t))
     assert SEP == " > "
