@@ -38,7 +38,7 @@ class ItemTable:
     titles: list[str]
     categories: list[str]
     brands: list[str]
-    price: np.ndarray  # float32, NaN = unknown
+    price: np.ndarray  # float32, NaN = unknown: the kernels' feature input (as the reranker was trained)
     in_stock: np.ndarray  # bool
     category_id: np.ndarray  # int32 into category_names, -1 = none
     brand_id: np.ndarray  # int32 into brand_names, -1 = none
@@ -49,6 +49,9 @@ class ItemTable:
     brand_indptr: np.ndarray
     brand_tokens: np.ndarray
     category_predicted: np.ndarray  # bool: the category was filled in by the classifier (live upserts)
+    # float64, NaN = unknown: the price exactly as given (a double in the catalog, the log and the proto), for
+    # answers, price filters and anything a shopper sees; float32 would turn 322.99 into 322.989990234375.
+    price_exact: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -253,6 +256,7 @@ def build_item_table(df: pd.DataFrame, vocab: dict[str, int]) -> ItemTable:
         brand_tokens=brand_tokens,
         category_predicted=(df["category_predicted"].fillna(False).astype(bool).to_numpy()
                             if "category_predicted" in df.columns else np.zeros(len(ids), bool)),
+        price_exact=df["price"].astype("float64").to_numpy(dtype=np.float64, na_value=np.nan),
     )
 
 

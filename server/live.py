@@ -33,9 +33,8 @@ def _lexical_text(item: dict[str, Any]) -> str:
 def same_item(items: ItemTable, row: int, item: dict[str, Any]) -> bool:
     """Does the bundle row already hold exactly these fields?"""
     price = item.get("price")
-    have = float(items.price[row])
-    same_price = (price is None and math.isnan(have)) or (price is not None and not math.isnan(have)
-                                                          and abs(float(price) - have) < 1e-4)
+    have = float(items.price_exact[row])
+    same_price = (price is None and math.isnan(have)) or (price is not None and float(price) == have)
     return (items.titles[row] == item["title"] and items.categories[row] == item.get("category", "")
             and bool(items.category_predicted[row]) == bool(item.get("category_predicted"))
             and items.brands[row] == item.get("brand", "") and bool(items.in_stock[row]) == bool(item.get("in_stock"))
@@ -100,7 +99,7 @@ def _append_lexical(lex: LexicalIndex, texts: list[str], titles: list[str], firs
 
 def _frame(items: ItemTable) -> pd.DataFrame:
     return pd.DataFrame({"item_id": items.ids, "title": items.titles, "category": items.categories,
-                         "brand": items.brands, "price": items.price.astype(np.float64), "in_stock": items.in_stock,
+                         "brand": items.brands, "price": items.price_exact, "in_stock": items.in_stock,
                          "category_predicted": items.category_predicted})
 
 

@@ -19,15 +19,6 @@ from server.types import Filters
 log = logging.getLogger(__name__)
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _price_bound(value: float) -> np.float32:
-    """A price bound in the prices' float32, as numpy would cast it (9.99 matches an item at 9.99), but
-    clipped to float32's range first: 1e300 would overflow the cast (a RuntimeWarning) and mean the same."""
-    return np.float32(min(max(float(value), -_F32_MAX), _F32_MAX))
-
-
 def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
     """Boolean mask of the items a filter admits, or None when nothing is filtered.
 
@@ -38,9 +29,9 @@ def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
         return None
     mask = np.ones(len(items), dtype=bool)
     if filters.min_price is not None:
-        mask &= items.price >= _price_bound(filters.min_price)  # NaN compares False: unknown prices drop out
+        mask &= items.price_exact >= filters.min_price  # exact prices; NaN compares False: unknown prices drop out
     if filters.max_price is not None:
-        mask &= items.price <= _price_bound(filters.max_price)
+        mask &= items.price_exact <= filters.max_price
     if filters.in_stock_only:
         mask &= items.in_stock
     if filters.categories:

@@ -191,7 +191,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     @staticmethod
     def _scored(bundle, hit: Hit):
         it = bundle.items
-        price = float(it.price[hit.row])
+        price = float(it.price_exact[hit.row])
         item = pb.ScoredItem(item_id=it.ids[hit.row], score=hit.score, title=it.titles[hit.row],
                              category=it.categories[hit.row], brand=it.brands[hit.row],
                              in_stock=bool(it.in_stock[hit.row]),

@@ -232,7 +232,7 @@ def test_int8_encoder_quantizes_every_linear_and_keeps_the_ranking():
     np.testing.assert_allclose(traced.encode(queries, batch_size=2), int8.encode(queries, batch_size=2), atol=1e-5)
 
 
-def test_price_bounds_compare_in_float32_and_huge_ones_do_not_overflow():
+def test_price_bounds_compare_exact_prices_and_huge_ones_do_not_overflow():
     import warnings
 
     from server.retrieval import filter_mask
@@ -240,13 +240,15 @@ def test_price_bounds_compare_in_float32_and_huge_ones_do_not_overflow():
 
     class Items(SimpleNamespace):
         def __len__(self):
-            return len(self.price)
+            return len(self.price_exact)
 
-    items = Items(price=np.array([1.0, 9.99, np.nan, 250.0], np.float32))
+    items = Items(price_exact=np.array([1.0, 9.99, np.nan, 250.0, 322.99]))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # numpy's "overflow encountered in cast" would raise here
-        assert filter_mask(items, Filters(min_price=1e300)).tolist() == [False] * 4
-        assert filter_mask(items, Filters(max_price=1e300)).tolist() == [True, True, False, True]
-        assert filter_mask(items, Filters(min_price=-1e300, max_price=9.99)).tolist() == [True, True, False, False]
-        # 9.99 is the stored float32 9.98999977..., and a bound of 9.99 still matches it.
-        assert filter_mask(items, Filters(min_price=9.99)).tolist() == [False, True, False, True]
+        warnings.simplefilter("error")
+        assert filter_mask(items, Filters(min_price=1e300)).tolist() == [False] * 5
+        assert filter_mask(items, Filters(max_price=1e300)).tolist() == [True, True, False, True, True]
+        assert filter_mask(items, Filters(min_price=-1e300, max_price=9.99)).tolist() == [True, True, False, False, False]
+        # Bounds equal to a price admit it, on both sides (the exact double, not a float32 neighbour).
+        assert filter_mask(items, Filters(min_price=9.99)).tolist() == [False, True, False, True, True]
+        assert filter_mask(items, Filters(min_price=322.99, max_price=322.99)).tolist() == [False] * 4 + [True]
+        assert filter_mask(items, Filters(max_price=322.98999)).tolist() == [True, True, False, True, False]
