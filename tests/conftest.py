@@ -100,6 +100,26 @@ def second_bundle(sample_bundle, tmp_path_factory) -> Path:
     return out
 
 
+LOCOMOTIVE = "Acme steam locomotive deluxe"  # titles the synthetic classifier of clf_bundle knows
+HOSE = "Bolt garden hose pro"
+
+
+@pytest.fixture(scope="session")
+def clf_bundle(tmp_path_factory) -> Path:
+    """The sample catalog (minimal build) with a classifier trained for one epoch on the synthetic hierarchical
+    catalog of test_classify.py; its dev split is too small to vouch for auto-fill (threshold 1.0)."""
+    from tests.test_classify import synthetic_csv
+    from training.__main__ import main as training_main
+
+    folder = tmp_path_factory.mktemp("classify-serving")
+    data = synthetic_csv(folder / "shop.csv")
+    out = folder / "bundle"
+    assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--out", str(out), "--name", "clf",
+                          "--device", "cpu", "--dtype", "float32", "--classifier-data", str(data),
+                          "--classifier-epochs", "1", "--classifier-minutes", "3"]) == 0
+    return out
+
+
 class ServerThread:
     """A searchrec server on port 0, run on an event loop in a daemon thread."""
 

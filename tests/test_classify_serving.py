@@ -17,23 +17,9 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLE, ServerThread, make_config, rpc_error, serve
+from tests.conftest import HOSE, LOCOMOTIVE, SAMPLE, ServerThread, make_config, rpc_error, serve
 from tests.test_classify import TREE, synthetic_csv
 from training.__main__ import main as training_main
-
-LOCOMOTIVE = "Acme steam locomotive deluxe"
-HOSE = "Bolt garden hose pro"
-
-
-@pytest.fixture(scope="module")
-def clf_bundle(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("classify-serving")
-    data = synthetic_csv(folder / "shop.csv")
-    out = folder / "bundle"
-    assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--out", str(out), "--name", "clf",
-                          "--device", "cpu", "--dtype", "float32", "--classifier-data", str(data),
-                          "--classifier-epochs", "1", "--classifier-minutes", "3"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -286,6 +286,30 @@ def test_nginx_balances_calls_over_replicas_and_retries_reads_past_a_dead_one(pa
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "no searchrec replica" in err.details()
 
 
+def test_classification_in_a_fleet(clf_bundle, redis_server, prefix, tmp_path, pb):
+    from tests.conftest import LOCOMOTIVE
+
+    a = start_replica(clf_bundle, redis_server, prefix, "a", autofill_threshold=0.5)
+    b = start_replica(clf_bundle, redis_server, prefix, "b", autofill_threshold=0.5)
+    try:
+        resp = stub_for(a.target).UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id="F-1", title=LOCOMOTIVE)]))
+        assert resp.category_fills[0].filled
+        # Replica b applies the item as stored: the predicted category and its mark, not a prediction of its own.
+        found = stub_for(b.target).Search(pb.SearchRequest(query="locomotive", k=1, min_sequence_token=resp.sequence_token,
+                                                           filters=pb.Filters(item_ids=["F-1"]))).items[0]
+        assert found.category == "Toys > Vehicles > Trains" and found.category_predicted
+        with Nginx(tmp_path / "nginx", [a.port, b.port]) as proxy:
+            sp = stub_for(proxy.target)
+            for _ in range(6):  # Classify is routed (and retried) like the other reads
+                assert sp.Classify(pb.ClassifyRequest(queries=["jigsaw puzzle"])).queries[0].categories
+            b.stop()
+            for _ in range(6):
+                assert sp.Classify(pb.ClassifyRequest(queries=["garden hose"])).queries[0].categories
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_workers_runs_replica_processes_that_share_the_store(sample_bundle, redis_server, prefix, tmp_path, pb):
     port = free_port()
     while free_port() == port + 1:  # the second worker takes port + 1
