@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-SEP = " > "
+from common.text import SEP, normalise_path  # noqa: F401 (part of this module's interface)
+
 CLASSIFIER_DIR = "classifier"  # inside a bundle: everything of the classifier lives under this folder
 MAX_LENGTH = 40  # tokens of an item's text the network reads (titles are short; 40 covers 99% of them)
 
@@ -31,11 +32,6 @@ def item_text(title: str, brand: str = "") -> str:
     Training (a CSV with an optional `brand` column, or a search catalog) and serving use this one function."""
     title, brand = title.strip(), brand.strip()
     return f"{brand} {title}" if brand and brand.lower() not in title.lower() else title
-
-
-def normalise_path(path: str) -> str:
-    """'A>B >  C' -> 'A > B > C' (the one spelling of a category path)."""
-    return SEP.join(p.strip() for p in str(path).split(">") if p.strip())
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

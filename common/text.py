@@ -59,3 +59,11 @@ def term_ids(text: str, vocab: dict[str, int]) -> np.ndarray:
 
     The query side of the lexical index: the server and the trainer both call this."""
     return np.array(sorted({vocab.get(t, -1) for t in tokenize(text)}), dtype=np.int32)
+
+
+SEP = " > "  # between the levels of a category path
+
+
+def normalise_path(path: str) -> str:
+    """'A>B >  C' -> 'A > B > C' (the one spelling of a category path)."""
+    return SEP.join(p.strip() for p in str(path).split(">") if p.strip())

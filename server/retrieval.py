@@ -12,11 +12,25 @@ import threading
 import faiss
 import numpy as np
 
+from common.text import SEP, normalise_path
 from kernels import features as K
 from server.bundle import Bundle, ItemTable
 from server.types import Filters
 
 log = logging.getLogger(__name__)
+
+
+def category_ids(items: ItemTable, values) -> list[int]:
+    """The categories a category filter admits: each value (case-insensitive, any spacing around '>') and every
+    category below it in the path ("Toys > Vehicles" admits "Toys > Vehicles > Trains", not "Toys > Vehicles2"),
+    so that selecting a level of a category path filters to everything under it."""
+    wanted = [normalise_path(v).lower() for v in values]
+    out = []
+    for name, cid in items.category_index.items():  # one entry per distinct category: a short loop
+        path = normalise_path(name)
+        if any(path == w or path.startswith(w + SEP) for w in wanted):
+            out.append(cid)
+    return out
 
 
 def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
@@ -35,9 +49,7 @@ def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
     if filters.in_stock_only:
         mask &= items.in_stock
     if filters.categories:
-        ids = [items.category_index[c.strip().lower()] for c in filters.categories
-               if c.strip().lower() in items.category_index]
-        mask &= np.isin(items.category_id, np.asarray(ids, dtype=np.int32))
+        mask &= np.isin(items.category_id, np.asarray(category_ids(items, filters.categories), dtype=np.int32))
     if filters.brands:
         ids = [items.brand_index[b.strip().lower()] for b in filters.brands if b.strip().lower() in items.brand_index]
         mask &= np.isin(items.brand_id, np.asarray(ids, dtype=np.int32))

@@ -175,6 +175,11 @@ def test_upsert_fills_missing_categories_only_and_marks_them(clf_stub, clf_serve
     hits = clf_stub.Search(pb.SearchRequest(query="locomotive", k=50, filters=pb.Filters(
         categories=["Toys > Vehicles > Trains"])), timeout=30)
     assert "af-1" in [i.item_id for i in hits.items] and "af-2" not in [i.item_id for i in hits.items]
+    # Selecting a level of the path filters to everything under it.
+    for level in ("Toys", "toys>vehicles"):
+        under = clf_stub.Search(pb.SearchRequest(query="locomotive", k=50, filters=pb.Filters(categories=[level])),
+                                timeout=30)
+        assert "af-1" in [i.item_id for i in under.items]
     # Re-upserted with the merchant's own category: the mark goes.
     clf_stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id="af-1", title=LOCOMOTIVE, category="Toys",
                                                               in_stock=True)]), timeout=60)

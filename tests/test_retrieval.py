@@ -252,3 +252,22 @@ def test_price_bounds_compare_exact_prices_and_huge_ones_do_not_overflow():
         assert filter_mask(items, Filters(min_price=9.99)).tolist() == [False, True, False, True, True]
         assert filter_mask(items, Filters(min_price=322.99, max_price=322.99)).tolist() == [False] * 4 + [True]
         assert filter_mask(items, Filters(max_price=322.98999)).tolist() == [True, True, False, True, False]
+
+
+def test_a_category_filter_admits_its_whole_subtree():
+    from server.retrieval import category_ids, filter_mask
+    from server.types import Filters
+
+    names = ["toys > vehicles > trains", "toys > vehicles", "toys>vehicles2", "toys > puzzles", "garden", "toy"]
+
+    class Items(SimpleNamespace):
+        def __len__(self):
+            return len(self.category_id)
+
+    items = Items(category_index={n: i for i, n in enumerate(names)}, category_id=np.arange(len(names), dtype=np.int32))
+    assert sorted(category_ids(items, ["Toys > Vehicles"])) == [0, 1]  # the level and below, not a sibling "vehicles2"
+    assert sorted(category_ids(items, ["toys"])) == [0, 1, 2, 3]  # not "toy"
+    assert sorted(category_ids(items, ["TOYS>Vehicles>Trains", "garden"])) == [0, 4]  # any spacing, any case
+    assert category_ids(items, ["Toys > Veh"]) == [] and category_ids(items, ["nothing"]) == []
+    assert filter_mask(items, Filters(categories=("Toys > Puzzles",))).tolist() == [False, False, False, True, False,
+                                                                                   False]
