@@ -30,6 +30,44 @@ def median_s(fn: Callable[[], object], repeat: int = 7, warmup: int = 1, min_tim
     return statistics.median(times)
 
 
+def run_closed_loop(call: Callable[[int], object], n_inputs: int, clients: int, seconds: float) -> dict:
+    """`clients` threads each calling `call(i)` (i cycling over n_inputs) one after another for `seconds`:
+    calls/s (`qps`), latency percentiles in ms and the number of calls that raised."""
+    import threading
+
+    import numpy as np
+
+    lat: list[float] = []
+    errors = [0]
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def worker(offset: int) -> None:
+        i, mine = offset, []
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                call(i % n_inputs)
+                mine.append(time.perf_counter() - t0)
+            except Exception:
+                with lock:
+                    errors[0] += 1
+            i += clients
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    a = np.asarray(lat) * 1000
+    return {"clients": clients, "qps": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
+            "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     lines = ["  ".join(c.rjust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]

@@ -20,13 +20,12 @@ import argparse
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchutil import ROOT, table, write_json
+from benchutil import ROOT, run_closed_loop, table, write_json
 
 DEFAULT_BUNDLE = ROOT / "bundles" / "sample-classifier"
 
@@ -40,35 +39,9 @@ def ensure_bundle() -> Path:
 
 
 def closed_loop(call, n_inputs: int, clients: int, seconds: float) -> dict:
-    """`call(i)` in `clients` threads for `seconds`: calls/s and latency percentiles."""
-    lat: list[float] = []
-    errors = [0]
-    stop = time.monotonic() + seconds
-    lock = threading.Lock()
-
-    def worker(offset: int) -> None:
-        i, mine = offset, []
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            try:
-                call(i % n_inputs)
-                mine.append(time.perf_counter() - t0)
-            except Exception:
-                errors[0] += 1
-            i += clients
-        with lock:
-            lat.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    a = np.asarray(lat) * 1000
-    return {"clients": clients, "calls_per_s": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
-            "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
+    row = run_closed_loop(call, n_inputs, clients, seconds)
+    row["calls_per_s"] = row.pop("qps")
+    return row
 
 
 def median_row(rows: list[dict]) -> dict:

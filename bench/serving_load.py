@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchutil import ROOT, bench_bundle, table, write_json
+from benchutil import ROOT, bench_bundle, run_closed_loop, table, write_json
 
 
 def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]:
@@ -114,35 +114,9 @@ def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: 
 
 
 def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
-    lat: list[float] = []
-    errors = [0]
-    stop = time.monotonic() + seconds
-    lock = threading.Lock()
-
-    def worker(offset: int) -> None:
-        i = offset
-        mine = []
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            try:
-                stub.Search(pb.SearchRequest(query=qs[i % len(qs)], k=10), timeout=10)
-                mine.append(time.perf_counter() - t0)
-            except Exception:
-                errors[0] += 1
-            i += clients
-        with lock:
-            lat.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    a = np.asarray(lat) * 1000
-    return {"clients": clients, "qps": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)),
-            "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "errors": errors[0]}
+    """`clients` closed-loop Search callers over qs for `seconds`."""
+    return run_closed_loop(lambda i: stub.Search(pb.SearchRequest(query=qs[i], k=10), timeout=10), len(qs), clients,
+                           seconds)
 
 
 def _measured(fn, server_pid: int) -> dict:

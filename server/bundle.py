@@ -18,7 +18,7 @@ import pandas as pd
 
 from common import bundle_format as bf
 from common.spelling import Speller
-from common.text import number_tokens, term_ids, tokenize
+from common.text import normalise_path, number_tokens, term_ids, tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
 from kernels.recfeatures import REC_FEATURE_NAMES
 
@@ -43,6 +43,7 @@ class ItemTable:
     category_id: np.ndarray  # int32 into category_names, -1 = none
     brand_id: np.ndarray  # int32 into brand_names, -1 = none
     category_index: dict[str, int]  # lower-cased name -> id
+    category_paths: list[str]  # by id: the name as a lower-cased path in its one spelling ("a > b"), for filters
     brand_index: dict[str, int]
     cat_indptr: np.ndarray  # token ids of each category name (CSR, sorted)
     cat_tokens: np.ndarray
@@ -249,6 +250,7 @@ def build_item_table(df: pd.DataFrame, vocab: dict[str, int]) -> ItemTable:
         category_id=category_id,
         brand_id=brand_id,
         category_index=category_index,
+        category_paths=[normalise_path(n).lower() for n in category_names],
         brand_index=brand_index,
         cat_indptr=cat_indptr,
         cat_tokens=cat_tokens,

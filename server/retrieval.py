@@ -25,12 +25,8 @@ def category_ids(items: ItemTable, values) -> list[int]:
     category below it in the path ("Toys > Vehicles" admits "Toys > Vehicles > Trains", not "Toys > Vehicles2"),
     so that selecting a level of a category path filters to everything under it."""
     wanted = [normalise_path(v).lower() for v in values]
-    out = []
-    for name, cid in items.category_index.items():  # one entry per distinct category: a short loop
-        path = normalise_path(name)
-        if any(path == w or path.startswith(w + SEP) for w in wanted):
-            out.append(cid)
-    return out
+    return [cid for cid, path in enumerate(items.category_paths)
+            if any(path == w or path.startswith(w + SEP) for w in wanted)]
 
 
 def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:

@@ -255,6 +255,7 @@ def test_price_bounds_compare_exact_prices_and_huge_ones_do_not_overflow():
 
 
 def test_a_category_filter_admits_its_whole_subtree():
+    from common.text import normalise_path
     from server.retrieval import category_ids, filter_mask
     from server.types import Filters
 
@@ -264,7 +265,8 @@ def test_a_category_filter_admits_its_whole_subtree():
         def __len__(self):
             return len(self.category_id)
 
-    items = Items(category_index={n: i for i, n in enumerate(names)}, category_id=np.arange(len(names), dtype=np.int32))
+    items = Items(category_paths=[normalise_path(n).lower() for n in names],
+                  category_id=np.arange(len(names), dtype=np.int32))
     assert sorted(category_ids(items, ["Toys > Vehicles"])) == [0, 1]  # the level and below, not a sibling "vehicles2"
     assert sorted(category_ids(items, ["toys"])) == [0, 1, 2, 3]  # not "toy"
     assert sorted(category_ids(items, ["TOYS>Vehicles>Trains", "garden"])) == [0, 4]  # any spacing, any case

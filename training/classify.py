@@ -23,7 +23,6 @@ from common.classifier import (CLASSIFIER_DIR, SEP, SparseModel, Taxonomy, item_
 
 log = logging.getLogger(__name__)
 
-MANIFEST_KIND = "classifier"
 AUTOFILL_FLOOR = 0.5  # auto-fill never trusts a top probability below this, whatever dev says
 
 
