@@ -19,7 +19,7 @@ STOPWORDS = frozenset(
     "a an and are as at be but by for if in into is it no not of on or such that the their then "
     "there these they this to was will with".split()
 )
-_WORD = re.compile(r"[0-9]+(?:\.[0-9]+)?|[^\W_]+", re.UNICODE)
+WORD = re.compile(r"[0-9]+(?:\.[0-9]+)?|[^\W_]+", re.UNICODE)
 _local = threading.local()  # PyStemmer objects are not safe to share between threads
 
 
@@ -37,7 +37,7 @@ def normalize(text: str) -> str:
 
 def tokenize(text: str) -> list[str]:
     """Cut text into stemmed, stopword-free tokens (order kept, duplicates kept)."""
-    words = [w for w in _WORD.findall(normalize(text)) if w not in STOPWORDS]
+    words = [w for w in WORD.findall(normalize(text)) if w not in STOPWORDS]
     return _stemmer().stemWords(words) if words else []
 
 

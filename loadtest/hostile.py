@@ -97,9 +97,49 @@ def _k(req, d: Draw, field: str = "k") -> None:
 
 
 def search(pb, d: Draw):
-    req = pb.SearchRequest(query=d.text(), user_id=d.text(), filters=_filters(pb, d), explain=d.flag())
+    req = pb.SearchRequest(query=d.text(), user_id=d.text(), filters=_filters(pb, d), explain=d.flag(),
+                           prefix=d.flag())
     _k(req, d)
+    if d.flag():  # list mode: sorts, facets, page tokens and offsets of every kind
+        req.sort, req.paged, req.page_token = d.enum(), d.flag(), d.text()
+        req.facets.extend(_texts(d)[:5] if d.flag() else ["category", "brand", "price", "price"])
+        if d.flag():
+            req.offset = d.int32()
+        if d.flag():
+            req.filters.below_price = d.number()
     return "Search", req
+
+
+def suggest(pb, d: Draw):
+    req = pb.SuggestRequest(prefix=d.text(), user_id=d.text(), include_zero_results=d.flag(),
+                            include_blocked=d.flag())
+    _k(req, d)
+    return "Suggest", req
+
+
+def _rule(pb, d: Draw):
+    r = pb.Rule(rule_id=d.text(), query=d.text(), match=d.enum())
+    kind = d.int32() % 5
+    if kind == 1:
+        r.synonyms.terms.extend(_texts(d))
+        r.synonyms.one_way = d.flag()
+    elif kind == 2:
+        r.pin.item_id, r.pin.position = d.text(), d.int32()
+    elif kind == 3:
+        r.boost.field, r.boost.value, r.boost.weight = d.text(), d.text(), d.number()
+    elif kind == 4:
+        r.hide.item_id = d.text()
+    return r  # kind 0: no action at all
+
+
+def put_rules(pb, d: Draw):
+    n = d.size()
+    one = _rule(pb, d)
+    return "PutRules", pb.PutRulesRequest(rules=[one] * n if n > 3 else [_rule(pb, d) for _ in range(n)])
+
+
+def delete_rules(pb, d: Draw):
+    return "DeleteRules", pb.DeleteRulesRequest(rule_ids=_texts(d))
 
 
 def recommend(pb, d: Draw):
@@ -168,7 +208,8 @@ def info(pb, d: Draw):
 
 BUILDERS: dict[str, Callable[[Any, Draw], tuple[str, Any]]] = {
     "Search": search, "Recommend": recommend, "SimilarItems": similar, "Feedback": feedback,
-    "UpsertItems": upsert, "DeleteItems": delete, "ReloadBundle": reload, "GetInfo": info, "Classify": classify}
+    "UpsertItems": upsert, "DeleteItems": delete, "ReloadBundle": reload, "GetInfo": info, "Classify": classify,
+    "Suggest": suggest, "PutRules": put_rules, "DeleteRules": delete_rules}
 
 # Codes a hostile request may get. Anything else (INTERNAL, UNKNOWN, UNAVAILABLE, a timeout) is a bug.
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

@@ -6,8 +6,8 @@ that cannot crash a handler, and keyed pseudonyms for user ids.
 - Tokens: a JSON file `{"callers": [{"name": "storefront", "token_sha256": "<hex>", "roles": ["read"]}, ...]}`
   (`"token": "<plain>"` is accepted too; hashes are better on disk). A call carries
   `authorization: Bearer <token>`. No or unknown token -> UNAUTHENTICATED; a known caller without the
-  RPC's role -> PERMISSION_DENIED. Roles: read (Search, Recommend, SimilarItems, GetInfo, Classify, reflection),
-  write (Feedback, UpsertItems, DeleteItems), reload (ReloadBundle). Health checks need no token, so
+  RPC's role -> PERMISSION_DENIED. Roles: read (Search, Suggest, Recommend, SimilarItems, GetInfo, Classify, ListRules,
+  reflection), write (Feedback, UpsertItems, DeleteItems, PutRules, DeleteRules), reload (ReloadBundle). Health checks need no token, so
   load balancers can probe.
 - Decoding: a request that is not a valid protobuf message (for example strings that are not UTF-8)
   reaches the handler as `Undecodable` and is answered INVALID_ARGUMENT instead of gRPC's INTERNAL.
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 ROLES = ("read", "write", "reload")
 SERVICE_PREFIX = "/searchrec.v1.SearchRecommend/"
 # The role each RPC of the service needs; anything not listed (reflection) needs "read".
-RPC_ROLE = {"Search": "read", "Recommend": "read", "SimilarItems": "read", "GetInfo": "read", "Classify": "read",
-            "Feedback": "write", "UpsertItems": "write", "DeleteItems": "write", "ReloadBundle": "reload"}
+RPC_ROLE = {"Search": "read", "Recommend": "read", "SimilarItems": "read", "GetInfo": "read", "Classify": "read", "Suggest": "read",
+            "ListRules": "read", "Feedback": "write", "UpsertItems": "write", "DeleteItems": "write",
+            "PutRules": "write", "DeleteRules": "write", "ReloadBundle": "reload"}
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 

@@ -20,6 +20,7 @@ from server import IMPORTED_AT
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
 from server.config import ServerConfig, compute_plan
 from server.metrics import Metrics
+from server.listing import PageTokens
 from server.replica import Replica
 from server.runtime import RuntimeHolder, use_threads
 from server.service import SearchRecommendService, add_to_server
@@ -70,6 +71,10 @@ class SearchrecServer:
                 log.info("the fleet serves %s (%s, rollout %s): loading it instead of %s", active.get("version"),
                          active["path"], active.get("rollout"), bundle)
                 bundle = Path(active["path"])
+        if self.config.page_token_key is not None:
+            self.holder.page_tokens = PageTokens(self.config.page_token_key.read_bytes())
+        elif store is not None:  # every replica signs and checks page tokens with the same key
+            self.holder.page_tokens = PageTokens(await store.secret("page_token"))
         await self.holder.load_initial(bundle)  # BundleError: refuse to start (a replica that cannot load never joins)
         # Each compute thread encodes and searches with its share of the cores (two batches with every
         # core each oversubscribe them). Set after the first load: loading, tracing, training the

@@ -53,6 +53,12 @@ class ItemTable:
     # float64, NaN = unknown: the price exactly as given (a double in the catalog, the log and the proto), for
     # answers, price filters and anything a shopper sees; float32 would turn 322.99 into 322.989990234375.
     price_exact: np.ndarray
+    category_names_by_id: list[str]  # by id: the name as first spelled (facet values)
+    brand_names_by_id: list[str]
+    # float64 ms since the epoch the item entered the catalog (live upserts; a catalog's `added_ms` column),
+    # 0 = with the bundle: the "newest" sort order.
+    added_ms: np.ndarray
+    attributes: list[dict[str, str]]  # by row: the item's attributes (merchandising boosts by attribute)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -130,6 +136,7 @@ class Bundle:
     alive: np.ndarray | None = None  # bool per row; None = every row is alive (no live deletions)
     scan_index: faiss.Index | None = None  # small-batch search over an exact index (see small_batch_index)
     scan_batch_max: int = 0  # unfiltered batches of up to this many queries use scan_index
+    suggest: pd.DataFrame | None = None  # the suggestion table (common.suggest); None in bundles built before it
 
 
 # Exact (flat) bundles answer small batches through a cheaper index that returns the same top-k.
@@ -259,7 +266,25 @@ def build_item_table(df: pd.DataFrame, vocab: dict[str, int]) -> ItemTable:
         category_predicted=(df["category_predicted"].fillna(False).astype(bool).to_numpy()
                             if "category_predicted" in df.columns else np.zeros(len(ids), bool)),
         price_exact=df["price"].astype("float64").to_numpy(dtype=np.float64, na_value=np.nan),
+        category_names_by_id=category_names,
+        brand_names_by_id=brand_names,
+        attributes=[_attrs(a) for a in df["attributes"]] if "attributes" in df.columns else [{} for _ in ids],
+        added_ms=(df["added_ms"].astype("float64").fillna(0.0).to_numpy(dtype=np.float64)
+                  if "added_ms" in df.columns else np.zeros(len(ids), np.float64)),
     )
+
+
+def _attrs(value) -> dict[str, str]:
+    """An attributes cell (JSON text in the bundle's parquet, a dict from the live log) as a dict."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.strip():
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
 
 
 TREE_ARRAYS = ("node_feature", "node_threshold", "node_left", "node_right", "node_value", "tree_roots")
@@ -367,6 +392,7 @@ def load_bundle(path: str | Path) -> Bundle:
         popularity = np.load(root / manifest["popularity"]["file"], allow_pickle=False).astype(np.float32)
         reranker = _load_reranker(root, manifest)
         rec = _load_rec(root, manifest["recommender"], len(items)) if manifest.get("recommender") else None
+        suggest = _load_suggest(root, manifest["suggest"]) if manifest.get("suggest") else None
     except BundleError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: FAISS read errors
@@ -399,4 +425,19 @@ def load_bundle(path: str | Path) -> Bundle:
         scan_index=scan_index,
         scan_batch_max=scan_batch_max,
         rec=rec,
+        suggest=suggest,
     )
+
+
+SUGGEST_COLUMNS = {"text": "string", "log_count": "float", "catalog_count": "float", "results": "integer",
+                   "top_category": "string", "blocked": "bool"}
+
+
+def _load_suggest(root: Path, spec: dict[str, Any]) -> pd.DataFrame:
+    df = pd.read_parquet(root / spec["file"])
+    missing = set(SUGGEST_COLUMNS) - set(df.columns)
+    _require(not missing, f"{root}: suggestion table lacks columns {sorted(missing)}")
+    texts = df["text"].astype(str).tolist()
+    _require(texts == sorted(texts) and len(set(texts)) == len(texts),
+             f"{root}: suggestion table is not sorted by text or repeats a phrase")
+    return df

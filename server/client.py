@@ -15,6 +15,7 @@ Against a server with access control: `--token T` (or SEARCHREC_TOKEN) sends `au
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.stubs import pb, pb_grpc
@@ -90,11 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--in-stock", action="store_true")
         if name == "search":
             s.add_argument("--classify-query", action="store_true", help="also print the query's predicted category")
+            s.add_argument("--prefix", action="store_true", help="search as you type: the last word may be unfinished")
+            s.add_argument("--sort", choices=("relevance", "price_asc", "price_desc", "popularity", "newest"),
+                           default="relevance")
+            s.add_argument("--facet", action="append", default=[], choices=("category", "brand", "price"))
+            s.add_argument("--below-price", type=float, help="exclusive upper price bound (a price facet bucket)")
+            s.add_argument("--page-token", default="", help="the next_page_token of the previous page")
+            s.add_argument("--paged", action="store_true", help="print a token for the next page")
+            s.add_argument("--offset", type=int, help="start at this position of the list")
+    sg = sub.add_parser("suggest", help="query suggestions for a prefix as typed")
+    sg.add_argument("prefix")
+    sg.add_argument("--k", type=int, default=None)
+    sg.add_argument("--user", default="", help="personalise for this user's recent behaviour")
     cf = sub.add_parser("classify", help="category paths of item titles (or --query texts)")
     cf.add_argument("titles", nargs="*")
     cf.add_argument("--query", action="append", default=[], help="classify this free text (repeatable)")
     cf.add_argument("--brand", default="")
     cf.add_argument("--k", type=int, default=None)
+    rl = sub.add_parser("rules", help="merchandising rules: list, put (JSON: one Rule or a list), delete")
+    rl.add_argument("action", choices=("list", "put", "delete"))
+    rl.add_argument("values", nargs="*", help="put: JSON rules, e.g. '{\"ruleId\": \"p1\", \"query\": \"drill\", "
+                    "\"pin\": {\"itemId\": \"SR-00001\", \"position\": 1}}'; delete: rule ids")
     rc = sub.add_parser("recommend")
     rc.add_argument("user_id")
     rc.add_argument("--recent", action="append", default=[])
@@ -129,9 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.cmd == "search":
                 req = pb.SearchRequest(query=args.query, filters=_filters(args), explain=args.explain,
-                                       classify_query=args.classify_query)
+                                       classify_query=args.classify_query, prefix=args.prefix,
+                                       sort=pb.SortBy.Value(args.sort.upper()), facets=args.facet,
+                                       page_token=args.page_token, paged=args.paged)
+                if args.below_price is not None:
+                    req.filters.below_price = args.below_price
                 if args.k is not None:
                     req.k = args.k
+                if args.offset is not None:
+                    req.offset = args.offset
                 resp = stub.Search(req, timeout=args.timeout)
                 t = resp.timings
                 print(f"bundle {resp.bundle_version}: {len(resp.items)} items in {t.total_ms:.1f} ms "
@@ -142,7 +166,39 @@ def main(argv: list[str] | None = None) -> int:
                 if resp.HasField("predicted_category"):
                     c = resp.predicted_category
                     print(f"query category: {c.path} ({c.probability:.2f})")
+                if resp.total_results:
+                    print(f"items {resp.offset + 1}-{resp.offset + len(resp.items)} of {resp.total_results} "
+                          f"(the relevant set, sorted by {args.sort})")
+                for f in resp.facets:
+                    print(f"facet {f.field}: " + ", ".join(f"{'  ' * v.level}{v.value} ({v.count})" for v in f.values)
+                          + (f" (+{f.more_values} more)" if f.more_values else ""))
+                for f in resp.rules_fired:
+                    print(f"rule {f.rule_id} ({f.kind}): {f.detail}")
                 _print_items(resp.items, args.explain)
+                if resp.next_page_token:
+                    print(f"next page: --page-token {resp.next_page_token}")
+            elif args.cmd == "suggest":
+                req = pb.SuggestRequest(prefix=args.prefix, user_id=args.user)
+                if args.k is not None:
+                    req.k = args.k
+                resp = stub.Suggest(req, timeout=args.timeout)
+                for sug in resp.suggestions:
+                    marks = "".join(m for m, on in ((" (typo fixed)", sug.corrected), (" (for you)", sug.personalised))
+                                    if on)
+                    print(f"{sug.text:40s} {sug.results:6d} results  {sug.top_category:30s} {sug.source}{marks}")
+            elif args.cmd == "rules":
+                if args.action == "list":
+                    for rule in stub.ListRules(pb.ListRulesRequest(), timeout=args.timeout).rules:
+                        print(json_format.MessageToJson(rule, indent=None))
+                elif args.action == "put":
+                    rules = []
+                    for text in args.values:
+                        parsed = json.loads(text)
+                        for one in parsed if isinstance(parsed, list) else [parsed]:
+                            rules.append(json_format.ParseDict(one, pb.Rule()))
+                    print(stub.PutRules(pb.PutRulesRequest(rules=rules), timeout=args.timeout))
+                else:
+                    print(stub.DeleteRules(pb.DeleteRulesRequest(rule_ids=args.values), timeout=args.timeout))
             elif args.cmd == "classify":
                 req = pb.ClassifyRequest(items=[pb.ClassifyItem(title=t, brand=args.brand) for t in args.titles],
                                          queries=args.query)

@@ -62,6 +62,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: require client certificates signed by it (mutual TLS)
     tokens: Path | None = None  # JSON file of callers, their tokens and roles; None = no token check
+    page_token_key: Path | None = None  # file of a secret that signs page tokens (default: one kept with the state)
     user_id_key: Path | None = None  # secret key file: user ids are stored and logged as keyed hashes
     # Shared state (a fleet): redis://host:port/db or rediss:// (TLS). None = the local log under state_dir.
     state: str | None = None
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEM CA: require client certificates signed by it (mutual TLS)")
     p.add_argument("--tokens", type=Path, default=_env("tokens", None),
                    help="JSON file of callers with token (or token_sha256) and roles read/write/reload")
+    p.add_argument("--page-token-key", type=Path, default=_env("page_token_key", None),
+                   help="file holding a secret that signs Search page tokens (default: one kept in the state dir or "
+                        "the shared store, so every replica and a restart accept the same tokens)")
     p.add_argument("--user-id-key", type=Path, default=_env("user_id_key", None),
                    help="file holding a secret key: user ids are pseudonymised (HMAC-SHA256) before logs and the event store")
     p.add_argument("--state", default=_env("state", None),

@@ -11,17 +11,22 @@ import time
 import numpy as np
 
 from common.encoding import TextEncoder
+from kernels import FEATURE_NAMES
+from kernels import features as K
 from server.bundle import Bundle
 from server.config import ServerConfig
 from server.errors import NotFound
+from server.listing import LIST_CANDIDATES, RELEVANCE, ListPage, facet_counts, page_of, relevant, sort_keys
 from server.ranking import Ranker
-from server.retrieval import DenseRetriever, LexicalRetriever, filter_mask
-from server.types import NO_FILTERS, Filters, Hit, SearchOutcome, SearchQuery
+from server.retrieval import DenseRetriever, LexicalRetriever, PrefixIndex, filter_mask, split_partial
+from server.rules import Fired, boost_mask
+from server.types import NO_FILTERS, Contribution, Filters, Hit, SearchOutcome, SearchQuery
 
 log = logging.getLogger(__name__)
 # SimilarItems: how much co-occurrence (bought/viewed together) adds to the vector-similarity score.
 # Small on purpose: similar items stay substitutes first, with complements ordered among them.
 SIMILAR_CO_WEIGHT = 0.2
+DENSE_FEATURE, COVERAGE_FEATURE = FEATURE_NAMES.index("dense"), FEATURE_NAMES.index("coverage")
 
 
 class SearchEngine:
@@ -34,34 +39,200 @@ class SearchEngine:
         self.dense = DenseRetriever(bundle, encoder.device, config.exact_filter_max)
         self.lexical = LexicalRetriever(bundle)
         self.ranker = Ranker(bundle)
+        self.prefixes = PrefixIndex(bundle.lexical)
 
     def search_batch(self, queries: list[SearchQuery]) -> list[SearchOutcome]:
         """Answer a batch of validated queries (the batcher's batch function)."""
         t0 = time.perf_counter()
         speller = self.bundle.lexical.speller
-        fixed = [speller.correct(q.text) if speller is not None else None for q in queries]
+        # Spelling correction reads whole words: a prefix query's last word is unfinished by design.
+        fixed = [speller.correct(q.text) if speller is not None and not q.prefix else None for q in queries]
         texts = [f or q.text for f, q in zip(fixed, queries)]
-        qvecs = self.encoder.encode(texts, batch_size=max(len(queries), 1))
+        need = [i for i, q in enumerate(queries) if q.listing is None or q.listing.qvec is None]
+        qvecs = np.zeros((len(queries), self.encoder.dims), np.float32)
+        if need:
+            qvecs[need] = self.encoder.encode([texts[i] for i in need], batch_size=max(len(need), 1))
+        for i, q in enumerate(queries):
+            if q.listing is not None:  # every page of a list scores with the same float16 vector
+                src = q.listing.qvec if q.listing.qvec is not None else qvecs[i]
+                qvecs[i] = np.asarray(src, np.float16).astype(np.float32)
         t1 = time.perf_counter()
         vectors = self.bundle.vectors
         masks = [self._mask(q.filters) for q in queries]
-        ns = [max(self.config.candidates, q.k) for q in queries]
-        dense_rows = self.dense.search(qvecs, ns, masks)
-        tokens = [self.bundle.lexical.token_ids(t) for t in texts]
+        ns = [LIST_CANDIDATES if q.listing is not None else max(self.config.candidates, q.k) for q in queries]
+        plain = [i for i, q in enumerate(queries) if q.listing is None]
+        dense_rows: list[np.ndarray] = [np.empty(0, np.int64)] * len(queries)
+        if plain:
+            for i, rows in zip(plain, self.dense.search(qvecs[plain], [ns[i] for i in plain], [masks[i] for i in plain])):
+                dense_rows[i] = rows
+        for i, q in enumerate(queries):
+            if q.listing is not None:  # one query at a time: the same candidates whatever shares the batch
+                mask = masks[i] if masks[i] is not None else np.ones(len(self.bundle.items), bool)
+                dense_rows[i] = self.dense.search_filtered(qvecs[i], ns[i], mask)
+        tokens, rank_tokens = zip(*(self._tokens(t, q.prefix) for t, q in zip(texts, queries)))
+        fired: list[list[Fired]] = [[] for _ in queries]
+        tokens = [self._synonyms(q, t, f) for q, t, f in zip(queries, tokens, fired)]
+        hidden = [self._hidden(q) for q in queries]
         bm25 = self.lexical.score(tokens)
         candidates, dense_scores, lex_scores = [], [], []
         for i in range(len(queries)):
             lex_rows = self.lexical.top(bm25[i], ns[i], masks[i])
             rows = np.union1d(dense_rows[i], lex_rows)
+            if hidden[i]:
+                drop = np.isin(rows, np.fromiter(hidden[i], np.int64))
+                fired[i] += [Fired(hidden[i][int(r)], "hide", f"hid {self.bundle.items.ids[int(r)]}") for r in rows[drop]]
+                rows = rows[~drop]
             candidates.append(rows)
             dense_scores.append(vectors[rows].astype(np.float32) @ qvecs[i])
             lex_scores.append(bm25[i][rows])
         t2 = time.perf_counter()
-        hits = self.ranker.rank(tokens, candidates, dense_scores, lex_scores,
-                                [q.k for q in queries], [q.explain for q in queries])
+        feats, scores, offsets, cand_rows = self.ranker.features(list(rank_tokens), candidates, dense_scores, lex_scores)
+        boosted = self._boost(queries, scores, offsets, cand_rows, fired)
+        ks = [len(candidates[i]) if q.listing is not None else q.k for i, q in enumerate(queries)]
+        out_offsets, positions = K.topk_segments(scores, offsets, np.asarray(ks, dtype=np.int64))
+        outcomes = []
+        for i, q in enumerate(queries):
+            picks = positions[out_offsets[i]:out_offsets[i + 1]]
+            out = SearchOutcome([], corrected_query=fixed[i] or "", fired=fired[i])
+            why = self._explainer(q, feats, boosted)
+            if q.listing is None:
+                out.hits = [Hit(int(cand_rows[p]), float(scores[p]), why(int(p), float(scores[p]), None))
+                            for p in picks]
+                if q.rules and q.rules.pins:
+                    out.hits = self._pin_hits(q, out.hits, masks[i], hidden[i], fired[i])
+            else:
+                best = self._best_dense(qvecs[i], q.filters.active, feats[picks, DENSE_FEATURE])
+                out.page = self._page(q, picks, feats, scores, cand_rows, best, masks[i], hidden[i], fired[i])
+                out.hits = [Hit(r, s, why(p, s, out.page.pinned.get(r)))
+                            for r, s, p in zip(out.page.rows, out.page.scores, out.page.positions)]
+                out.qvec = qvecs[i].astype(np.float16)
+            outcomes.append(out)
         t3 = time.perf_counter()
-        return [SearchOutcome(h, encode_s=t1 - t0, retrieve_s=t2 - t1, rank_s=t3 - t2, corrected_query=f or "")
-                for h, f in zip(hits, fixed)]
+        for out in outcomes:
+            out.encode_s, out.retrieve_s, out.rank_s = t1 - t0, t2 - t1, t3 - t2
+        return outcomes
+
+    def _best_dense(self, q: np.ndarray, filtered: bool, candidates_dense: np.ndarray) -> float:
+        """The best cosine of any live item to q (unfiltered candidates hold it; a filtered query looks it up)."""
+        if not filtered:
+            return float(candidates_dense.max()) if len(candidates_dense) else 1.0
+        alive = self.bundle.alive if self.bundle.alive is not None else np.ones(len(self.bundle.items), bool)
+        top = self.dense.search_filtered(q, 1, alive)
+        return float(self.bundle.vectors[top[0]].astype(np.float32) @ q) if len(top) else 1.0
+
+    def _page(self, q: SearchQuery, picks: np.ndarray, feats: np.ndarray, scores: np.ndarray,
+              cand_rows: np.ndarray, best: float, mask: np.ndarray | None, hidden: dict[int, str],
+              fired: list[Fired]) -> ListPage:
+        """The query's relevant set (ranked picks), sorted, pinned, counted and cut to the requested page."""
+        keep = relevant(feats[picks, DENSE_FEATURE], feats[picks, COVERAGE_FEATURE], best)
+        picks = picks[keep]
+        rows, sc = cand_rows[picks], scores[picks]
+        keys = sort_keys(self.bundle.items, self.bundle.popularity, rows, sc, q.listing.sort)
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        # (row, score, position among the ranked candidates or -1, sort key), in list order
+        entries = [(int(rows[j]), float(sc[j]), int(picks[j]), keys[j]) for j in order]
+        pinned: dict[int, str] = {}
+        if q.rules and q.rules.pins and q.listing.sort == RELEVANCE:  # pins place items in the relevance order
+            hits = self._pin_hits(q, [Hit(r, s) for r, s, _, _ in entries], mask, hidden, fired, limit=None)
+            by_row = {e[0]: e for e in entries}
+            pinned = {h.row: h.explanation[0].name[5:] for h in hits if h.row not in by_row}
+            entries = [by_row.get(h.row) or (h.row, h.score, -1, (0.0, -h.score, self.bundle.items.ids[h.row]))
+                       for h in hits]
+        keys = [e[3] for e in entries]
+        start, stop = page_of(keys, q.listing, q.k, ordered_by_key=not (q.rules and q.rules.pins))
+        chosen = entries[start:stop]
+        page = ListPage(rows=[e[0] for e in chosen], scores=[e[1] for e in chosen], positions=[e[2] for e in chosen],
+                        offset=start, total=len(entries),
+                        next_key=keys[stop - 1] if stop < len(keys) and stop > start else None, pinned=pinned)
+        if q.listing.facets:
+            page.facets = facet_counts(self.bundle.items, np.array([e[0] for e in entries], np.int64), q.listing.facets)
+        return page
+
+    # --- merchandising rules -------------------------------------------------------------------
+    def _synonyms(self, q: SearchQuery, tokens: np.ndarray, fired: list[Fired]) -> np.ndarray:
+        """Retrieval tokens widened by the query's synonym rules."""
+        if not (q.rules and q.rules.synonyms):
+            return tokens
+        extra = [tokens]
+        for rule_id, text in q.rules.synonyms:
+            extra.append(self.bundle.lexical.token_ids(text))
+            fired.append(Fired(rule_id, "synonyms", f"searched also: {text}"))
+        return np.unique(np.concatenate(extra)).astype(np.int32)
+
+    def _hidden(self, q: SearchQuery) -> dict[int, str]:
+        """Rows the query's hide rules take out -> the rule."""
+        if not (q.rules and q.rules.hides):
+            return {}
+        ids = self.bundle.items.id_to_row
+        return {ids[item]: rule_id for rule_id, item in q.rules.hides if item in ids}
+
+    def _boost(self, queries: list[SearchQuery], scores: np.ndarray, offsets: np.ndarray, cand_rows: np.ndarray,
+               fired: list[list[Fired]]) -> dict[int, list[tuple[str, float]]]:
+        """Add boost and bury weights to the candidates' scores (in place); position -> [(rule, weight)]."""
+        boosted: dict[int, list[tuple[str, float]]] = {}
+        for i, q in enumerate(queries):
+            if not (q.rules and q.rules.boosts):
+                continue
+            s, e = int(offsets[i]), int(offsets[i + 1])
+            for rule_id, field_name, value, weight in q.rules.boosts:
+                hit = np.flatnonzero(boost_mask(self.bundle.items, cand_rows[s:e], field_name, value)) + s
+                if len(hit):
+                    scores[hit] += np.float32(weight)
+                    for p in hit.tolist():
+                        boosted.setdefault(p, []).append((rule_id, weight))
+                    what = "boosted" if weight > 0 else "buried"
+                    fired[i].append(Fired(rule_id, "boost", f"{what} {len(hit)} candidates with {field_name} = {value} "
+                                                            f"by {weight:+g}"))
+        return boosted
+
+    def _explainer(self, q: SearchQuery, feats: np.ndarray, boosted: dict[int, list[tuple[str, float]]]):
+        """(candidate position, score, pinning rule) -> the hit's explanation (empty unless asked for); the
+        contributions sum to the score, rules included."""
+        def why(p: int, score: float, pin_rule: str | None) -> tuple[Contribution, ...]:
+            if not q.explain:
+                return ()
+            if p < 0:  # pinned from outside the candidates: the rule is all there is to say
+                return (Contribution(f"rule:{pin_rule}", 1.0, score),)
+            return self.ranker.explain(feats[p]) + tuple(Contribution(f"rule:{r}", 1.0, w) for r, w in boosted.get(p, ()))
+        return why
+
+    def _pin_hits(self, q: SearchQuery, hits: list[Hit], mask: np.ndarray | None, hidden: dict[int, str],
+                  fired: list[Fired], limit: int | None = -1) -> list[Hit]:
+        """Place each pinned item (in the catalog, admitted by the filters, not hidden) at its position."""
+        ids = self.bundle.items.id_to_row
+        for rule_id, item_id, position in sorted(q.rules.pins, key=lambda p: (p[2], p[0])):
+            row = ids.get(item_id)
+            if row is None or row in hidden or (mask is not None and not mask[row]):
+                continue
+            existing = next((h for h in hits if h.row == row), None)
+            if existing is not None:
+                hits.remove(existing)
+            at = min(position - 1, len(hits))
+            if existing is not None:
+                why = existing.explanation + ((Contribution(f"rule:{rule_id}", 1.0, 0.0),) if q.explain else ())
+                hit = Hit(row, existing.score, why)
+            else:  # not among the candidates: it takes the score of the place it is pinned to
+                score = hits[at].score if at < len(hits) else (hits[-1].score if hits else 0.0)
+                hit = Hit(row, score, (Contribution(f"rule:{rule_id}", 1.0, score),))
+            hits.insert(at, hit)
+            fired.append(Fired(rule_id, "pin", f"pinned {item_id} at {at + 1}"))
+        return hits[: q.k] if limit == -1 else hits
+
+    def _tokens(self, text: str, prefix: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(lexical retrieval tokens, ranking feature tokens) of a query. A prefix query's unfinished last
+        word becomes the catalog's words that start with it (the most frequent few) for retrieval, and the
+        most frequent one alone for the ranking features (which count the query's words)."""
+        lex = self.bundle.lexical
+        if prefix:
+            head, partial = split_partial(text)
+            expansions = self.prefixes.expand(partial) if partial else np.empty(0, np.int32)
+            if len(expansions):
+                base = lex.token_ids(head) if head.strip() else np.empty(0, np.int32)
+                retrieve = np.unique(np.concatenate([base, expansions])).astype(np.int32)
+                rank = np.unique(np.concatenate([base, expansions[:1]])).astype(np.int32)
+                return retrieve, rank
+        ids = lex.token_ids(text)
+        return ids, ids
 
     def _mask(self, filters: Filters) -> np.ndarray | None:
         """The filter's rows, less live deletions (None = everything)."""

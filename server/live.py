@@ -100,7 +100,8 @@ def _append_lexical(lex: LexicalIndex, texts: list[str], titles: list[str], firs
 def _frame(items: ItemTable) -> pd.DataFrame:
     return pd.DataFrame({"item_id": items.ids, "title": items.titles, "category": items.categories,
                          "brand": items.brands, "price": items.price_exact, "in_stock": items.in_stock,
-                         "category_predicted": items.category_predicted})
+                         "category_predicted": items.category_predicted, "added_ms": items.added_ms,
+                         "attributes": items.attributes})
 
 
 def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[str], vectors: np.ndarray,
@@ -118,7 +119,9 @@ def apply_changes(bundle: Bundle, upserts: list[dict[str, Any]], deletes: list[s
             "category": [it.get("category", "") for it in upserts], "brand": [it.get("brand", "") for it in upserts],
             "price": [np.nan if it.get("price") is None else float(it["price"]) for it in upserts],
             "in_stock": [bool(it.get("in_stock")) for it in upserts],
-            "category_predicted": [bool(it.get("category_predicted")) for it in upserts]})
+            "category_predicted": [bool(it.get("category_predicted")) for it in upserts],
+            "added_ms": [float(it.get("added_ms") or 0.0) for it in upserts],
+            "attributes": [dict(it.get("attributes") or {}) for it in upserts]})
         frame = pd.concat([_frame(items), new], ignore_index=True)
         lex_cfg = bundle.manifest["lexical"]
         avgdl = float(lex_cfg.get("avgdl") or max(float(np.diff(bundle.lexical.title_indptr).mean()), 1.0))

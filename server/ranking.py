@@ -32,16 +32,9 @@ class Ranker:
         self.popularity = bundle.popularity
         self.model = bundle.reranker
 
-    def rank(
-        self,
-        q_tokens: list[np.ndarray],
-        candidates: list[np.ndarray],
-        dense: list[np.ndarray],
-        lexical: list[np.ndarray],
-        ks: list[int],
-        explain: list[bool],
-    ) -> list[list[Hit]]:
-        """Top ks[q] hits of each query among its candidates (rows), best first."""
+    def features(self, q_tokens: list[np.ndarray], candidates: list[np.ndarray], dense: list[np.ndarray],
+                 lexical: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(features, scores, candidate offsets, candidate rows) of a batch, flattened query after query."""
         q_indptr, q_flat = _flat(q_tokens, np.int32)
         cand_offsets, cand_items = _flat(candidates, np.int64)
         _, dense_flat = _flat(dense, np.float32)
@@ -53,13 +46,25 @@ class Ranker:
             it.cat_indptr, it.cat_tokens, it.brand_indptr, it.brand_tokens, it.price, self.popularity,
             self.lex.token_is_number,
         )
-        scores = self._score(feats)
+        return feats, self._score(feats), cand_offsets, cand_items
+
+    def rank(
+        self,
+        q_tokens: list[np.ndarray],
+        candidates: list[np.ndarray],
+        dense: list[np.ndarray],
+        lexical: list[np.ndarray],
+        ks: list[int],
+        explain: list[bool],
+    ) -> list[list[Hit]]:
+        """Top ks[q] hits of each query among its candidates (rows), best first."""
+        feats, scores, cand_offsets, cand_items = self.features(q_tokens, candidates, dense, lexical)
         out_offsets, positions = K.topk_segments(scores, cand_offsets, np.asarray(ks, dtype=np.int64))
         results = []
         for q in range(len(ks)):
             picks = positions[out_offsets[q] : out_offsets[q + 1]]
             results.append([
-                Hit(int(cand_items[p]), float(scores[p]), self._explain(feats[p]) if explain[q] else ())
+                Hit(int(cand_items[p]), float(scores[p]), self.explain(feats[p]) if explain[q] else ())
                 for p in picks
             ])
         return results
@@ -72,7 +77,7 @@ class Ranker:
         return T.tree_scores(feats, t["node_feature"], t["node_threshold"], t["node_left"], t["node_right"],
                              t["node_value"], t["tree_roots"])
 
-    def _explain(self, row: np.ndarray) -> tuple[Contribution, ...]:
+    def explain(self, row: np.ndarray) -> tuple[Contribution, ...]:
         m = self.model
         if m.kind == "linear":
             return _explain(m.features, row, m.weights, m.bias)

@@ -100,7 +100,9 @@ class Replica:
     async def _apply(self, kind: str, payload: list[Any], vectors: np.ndarray | None) -> None:
         runtime, live = self.holder.current, self.holder.live
         loop = asyncio.get_running_loop()
-        if kind == "upsert":
+        if kind == "rules":  # read at request time: nothing to rebuild
+            live.apply_rules(payload)
+        elif kind == "upsert":
             live.apply_upserts(payload)
             if vectors is None:
                 from server.live import passage
@@ -117,6 +119,9 @@ class Replica:
         """Record a catalog change and apply it here (in store order); returns its token. Hold catalog_lock."""
         token = await self.store.append_catalog(kind, payload)
         runtime = self.holder.current
+        if not self.shared and kind == "rules":  # the local store applied them with the record
+            self.applied = token
+            return token
         if not self.shared:
             live = self.holder.live
             if vectors is None:

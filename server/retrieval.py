@@ -12,7 +12,7 @@ import threading
 import faiss
 import numpy as np
 
-from common.text import SEP, normalise_path
+from common.text import SEP, WORD, normalise_path, normalize
 from kernels import features as K
 from server.bundle import Bundle, ItemTable
 from server.types import Filters
@@ -42,6 +42,8 @@ def filter_mask(items: ItemTable, filters: Filters) -> np.ndarray | None:
         mask &= items.price_exact >= filters.min_price  # exact prices; NaN compares False: unknown prices drop out
     if filters.max_price is not None:
         mask &= items.price_exact <= filters.max_price
+    if filters.below_price is not None:
+        mask &= items.price_exact < filters.below_price
     if filters.in_stock_only:
         mask &= items.in_stock
     if filters.categories:
@@ -169,3 +171,44 @@ class LexicalRetriever:
     def top(scores_row: np.ndarray, n: int, mask: np.ndarray | None) -> np.ndarray:
         """Rows of the n best positive BM25 scores among the mask's items."""
         return K.topn_masked(scores_row, mask if mask is not None else np.empty(0, dtype=np.bool_), n)
+
+
+MAX_EXPANSIONS = 8  # words an unfinished last word stands for (the catalog's most frequent that start with it)
+
+
+def split_partial(text: str) -> tuple[str, str]:
+    """(the finished words, the unfinished last word) of text typed so far; no unfinished word when the text
+    ends with a space or punctuation."""
+    norm = normalize(text)
+    if not norm or not (norm[-1].isalnum()):
+        return text, ""
+    last = None
+    for last in WORD.finditer(norm):
+        pass
+    if last is None or last.end() != len(norm):
+        return text, ""
+    return norm[: last.start()], last.group()
+
+
+class PrefixIndex:
+    """The lexical vocabulary sorted, for prefix expansion (search as you type)."""
+
+    def __init__(self, lex) -> None:
+        terms = sorted(lex.vocab)
+        self.terms = terms
+        self.ids = np.array([lex.vocab[t] for t in terms], dtype=np.int32)
+        df = np.diff(lex.bm25_indptr)
+        self.df = df[self.ids] if len(self.ids) else np.zeros(0, np.int64)
+
+    def expand(self, partial: str) -> np.ndarray:
+        """Ids of the most frequent vocabulary terms that start with partial, most frequent first."""
+        import bisect
+
+        lo = bisect.bisect_left(self.terms, partial)
+        hi = bisect.bisect_left(self.terms, partial + "\U0010ffff")
+        if hi <= lo:
+            return np.empty(0, np.int32)
+        df = self.df[lo:hi]
+        n = min(MAX_EXPANSIONS, hi - lo)
+        top = np.argsort(-df, kind="stable")[:n]
+        return self.ids[lo:hi][top]

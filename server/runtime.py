@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,17 +25,21 @@ import torch
 
 from common.cpu import cpu_kind
 from common.encoding import TextEncoder
+from common.suggest import phrase_rows, top_category
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
 from server.classify import ServedClassifier
 from server.bundle import Bundle, BundleError, load_bundle
 from server.config import ServerConfig
 from server.engine import SearchEngine
 from server.errors import FailedPrecondition
+from server.listing import PageTokens
 from server.live import apply_changes, passage, pending
 from server.recommend import RecEngine
 from server.recommend import warm as warm_rec
 from server.state import LiveState
+from server.rules import RuleSet
 from server.store import make_store
+from server.suggest import Suggester
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +118,10 @@ class Runtime:
     classify_batcher: DynamicBatcher | None = None
     config: ServerConfig | None = None
     gate: ComputeGate = field(default_factory=ComputeGate)
+    suggester: Suggester | None = None  # query suggestions, when the bundle has a suggestion table
+    live: LiveState | None = None
+    _stats_cache: dict = field(default_factory=dict)
+    _stats_bundle: Bundle | None = None
 
     @property
     def version(self) -> str:
@@ -160,15 +169,41 @@ class Runtime:
             rec = make_rec(bundle, self.encoder.device, self.config, live_counts)
             self.bundle, self.engine, self.rec = bundle, engine, rec
 
+    def phrase_stats(self, phrase: str) -> tuple[int, str]:
+        """(items of the served catalog that hold the phrase's words, their most common category); cached until
+        the catalog changes (suggestions ask for the same completions keystroke after keystroke)."""
+        bundle = self.bundle
+        if self._stats_bundle is not bundle:
+            self._stats_cache, self._stats_bundle = {}, bundle
+        hit = self._stats_cache.get(phrase)
+        if hit is None:
+            if len(self._stats_cache) >= STATS_CACHE:
+                self._stats_cache.clear()
+            hit = self._stats_cache[phrase] = self._phrase_stats(bundle, phrase)
+        return hit
+
+    @staticmethod
+    def _phrase_stats(bundle: Bundle, phrase: str) -> tuple[int, str]:
+        lex = bundle.lexical
+        rows = phrase_rows(phrase, lex.vocab, lex.bm25_indptr, lex.bm25_indices, lex.speller)
+        if bundle.alive is not None and len(rows):
+            rows = rows[bundle.alive[rows]]
+        return len(rows), top_category(rows, bundle.items.categories)
+
     def start(self) -> None:
         for b in self.batchers():
             b.start()
+        if self.suggester is not None and self.live is not None:
+            self.live.query_listeners.append(self.suggester.observe)
 
     async def close(self) -> None:
+        if self.suggester is not None and self.live is not None and self.suggester.observe in self.live.query_listeners:
+            self.live.query_listeners.remove(self.suggester.observe)
         for b in self.batchers():
             await b.close()
 
 
+STATS_CACHE = 100_000  # phrases whose catalog counts a runtime keeps
 ENCODE_CHUNK = 64  # texts per encoder forward pass when one batch holds many (attention memory grows with it)
 
 
@@ -237,6 +272,10 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
                                                    config.encoder_cache)
     if live is not None:
         land_pending(runtime, live)
+    runtime.live = live
+    if bundle.suggest is not None:
+        runtime.suggester = Suggester(bundle.suggest, dict(live.query_counts) if live is not None else {},
+                                      runtime.phrase_stats)
     if config.warmup:
         runtime.engine.warmup()
         if runtime.rec is not None:
@@ -290,12 +329,24 @@ class RuntimeHolder:
             self.live = LiveState(None if config.state else config.state_dir, config.max_user_events,
                                   fsync=config.fsync, max_users=config.max_live_users)
         self.store = make_store(config, self.live)
+        self._rules, self._rules_version = RuleSet(), 0
+        self.page_tokens = PageTokens(os.urandom(32))  # replaced at start by the store's key (server.app)
         self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
         self._current: Runtime | None = None
         # The bundle path as given (not resolved): re-reading it after a deploy tool re-points a
         # symlink picks up the new bundle (SIGHUP, or ReloadBundle with an empty path).
         self.source: Path | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def rules(self) -> RuleSet:
+        """The merchandising rules as they stand (compiled again after each change)."""
+        live = self.live
+        if live is None:
+            return self._rules
+        if self._rules_version != live.rules_version:
+            self._rules, self._rules_version = RuleSet(dict(live.rules)), live.rules_version
+        return self._rules
 
     @property
     def current(self) -> Runtime:

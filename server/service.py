@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from common.classifier import item_text
+from common.suggest import phrase_key
 from common.text import has_control_chars
 from server.config import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
 from server.errors import (DeadlineExpired, FailedPrecondition, InvalidArgument, NotFound, Overloaded,
@@ -30,7 +32,9 @@ from server.access import Undecodable
 from server.live import passage
 from common.seqrec import HISTORY_CAP
 from server.recommend import RecQuery
+from server.listing import FACETS, MAX_LIST_DEPTH, MAX_PAGE_SIZE, SORT_NAMES, Listing, list_fingerprint
 from server.retrieval import filter_mask
+from server.rules import BOOST_FIELDS, MAX_RULES
 from server.runtime import RuntimeHolder
 from server.state import ADD_TO_CART, CLICK, EVENT_WEIGHT, PURCHASE, VIEW, Event
 from server.stubs import pb, pb_grpc
@@ -48,6 +52,14 @@ MAX_DESCRIPTION_CHARS = 5000
 MAX_ATTRIBUTES = 50
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000  # events may be stamped at most this far ahead of the server clock
 MAX_CLASSIFY_K = 50
+MAX_PREFIX_CHARS = 100
+MAX_RULE_ID_CHARS = 128
+MAX_SYNONYM_TERMS = 20
+MAX_PIN_POSITION = 100
+MAX_BOOST = 100.0
+MAX_SUGGEST_K = 20
+DEFAULT_SUGGEST_K = 8
+PERSONAL_EVENTS = 20  # a user's most recent events that personalise suggestions
 DEFAULT_CLASSIFY_K = 3
 
 # Domain error -> gRPC status: the one table.
@@ -148,9 +160,13 @@ def to_filters(f) -> Filters:
     if lo is not None and hi is not None and lo > hi:
         raise InvalidArgument(f"filters.min_price ({lo}) must not exceed filters.max_price ({hi})",
                               field="filters.min_price")
+    below = _price(f, "below_price")
+    if lo is not None and below is not None and lo >= below:
+        raise InvalidArgument(f"filters.min_price ({lo}) must be below filters.below_price ({below})",
+                              field="filters.min_price")
     return Filters(min_price=lo, max_price=hi, categories=_names(f.categories, "filters.categories"),
                    brands=_names(f.brands, "filters.brands"), in_stock_only=f.in_stock_only,
-                   item_ids=_names(f.item_ids, "filters.item_ids", MAX_FILTER_ITEM_IDS))
+                   item_ids=_names(f.item_ids, "filters.item_ids", MAX_FILTER_ITEM_IDS), below_price=below)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -202,19 +218,54 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             item.explanation.add(name=c.name, value=c.value, contribution=c.contribution)
         return item
 
+    def _listing(self, request, runtime, text: str, filters: Filters) -> Listing | None:
+        """The list-mode part of a Search (None for a plain Search), its page token checked."""
+        if request.sort not in SORT_NAMES:
+            raise InvalidArgument(f"sort must be one of {', '.join(n.upper() for n in SORT_NAMES.values())}, "
+                                  f"got {request.sort}", field="sort")
+        facets = tuple(dict.fromkeys(request.facets))
+        for i, f in enumerate(facets):
+            if f not in FACETS:
+                raise InvalidArgument(f"facets[{i}] must be one of {', '.join(FACETS)}, got {f!r}", field=f"facets[{i}]")
+        has_offset = request.HasField("offset")
+        if not (request.sort or facets or request.paged or request.page_token or has_offset):
+            return None
+        if request.HasField("k") and request.k > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"k is the page size in list mode (sort, facets, paged, page_token or offset): "
+                                  f"1..{MAX_PAGE_SIZE}, got {request.k}", field="k")
+        if has_offset and request.page_token:
+            raise InvalidArgument("give page_token or offset, not both", field="offset")
+        if has_offset and not 0 <= request.offset < MAX_LIST_DEPTH:
+            raise InvalidArgument(f"offset must be between 0 and {MAX_LIST_DEPTH - 1} (the depth limit of a result "
+                                  f"list), got {request.offset}", field="offset")
+        listing = Listing(sort=request.sort, facets=facets, offset=request.offset if has_offset else 0,
+                          paged=request.paged or bool(request.page_token))
+        if request.page_token:
+            fingerprint = list_fingerprint(text, filters, request.sort, request.prefix)
+            offset, key, vec = self.holder.page_tokens.read(request.page_token, runtime.version, fingerprint,
+                                                            runtime.encoder.dims)
+            listing = replace(listing, after=key, after_offset=offset, qvec=vec)
+        return listing
+
     @_rpc
     async def Search(self, request, context):
         started = time.perf_counter()
         # Convert pb.SearchRequest --> SearchQuery.
-        query = SearchQuery(
-            text=_text_field(request.query, "query", MAX_QUERY_CHARS, required=True),
-            k=_k(request),
-            filters=to_filters(request.filters),
-            explain=request.explain,
-            user_id=_text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False),
-        )
+        text = _text_field(request.query, "query", MAX_QUERY_CHARS, required=True)
+        filters = to_filters(request.filters)
         await self._consistent(request, context)
         runtime = self.holder.current  # this request finishes on this bundle, whatever swaps meanwhile
+        listing = self._listing(request, runtime, text, filters)
+        query = SearchQuery(
+            text=text,
+            k=_k(request),
+            filters=filters,
+            explain=request.explain,
+            user_id=_text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False),
+            prefix=request.prefix,
+            listing=listing,
+            rules=self.holder.rules.match(text) or None,
+        )
         deadline = _deadline(context)
         if request.classify_query:
             self._classifier(runtime, "classify_query")
@@ -225,7 +276,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         else:
             result, predicted = await runtime.batcher.submit(query, deadline), None
         out = result.value
-        return pb.SearchResponse(
+        response = pb.SearchResponse(
             predicted_category=predicted,
             items=[self._scored(runtime.bundle, h) for h in out.hits],
             bundle_version=runtime.version,
@@ -234,6 +285,26 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                                total_ms=1000 * (time.perf_counter() - started), batch_size=result.batch_size),
             corrected_query=out.corrected_query,
         )
+        if request.explain:
+            for f in out.fired:
+                response.rules_fired.add(rule_id=f.rule_id, kind=f.kind, detail=f.detail)
+        if out.page is not None:
+            page = out.page
+            response.offset, response.total_results = page.offset, page.total
+            if listing.paged and page.next_key is not None:
+                response.next_page_token = self.holder.page_tokens.issue(
+                    runtime.version, list_fingerprint(text, filters, request.sort, request.prefix),
+                    page.offset + len(page.rows), page.next_key, out.qvec)
+            for name in listing.facets:
+                values, more = page.facets[name]
+                facet = response.facets.add(field=name, more_values=more)
+                for v in values:
+                    fv = facet.values.add(value=v.value, count=v.count, level=v.level)
+                    if v.min_price is not None:
+                        fv.min_price = v.min_price
+                    if v.below_price is not None:
+                        fv.below_price = v.below_price
+        return response
 
     @_rpc
     async def SimilarItems(self, request, context):
@@ -282,6 +353,9 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             classifier_categories=runtime.classifier.categories if runtime.classifier is not None else 0,
             autofill_threshold=runtime.classifier.threshold if runtime.classifier is not None else 0.0,
             autofill_categories=self._autofills(runtime),
+            suggest_phrases=len(runtime.suggester.texts) if runtime.suggester is not None else 0,
+            suggest_live_phrases=len(runtime.suggester.extra) if runtime.suggester is not None else 0,
+            rules=len(live.rules) if live is not None else 0,
             native_bf16=self.holder.cpu["native_bf16"], cpu_flags=self.holder.cpu["cpu_flags"],
             batcher=pb.BatcherInfo(
                 max_batch_size=cfg.max_batch_size, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue,
@@ -366,6 +440,144 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             done = sum(f.filled for f in fills)
             self.metrics.observe_autofill(done, len(fills) - done)
         return fills
+
+    # --- Suggest -----------------------------------------------------------------------------
+    @_rpc
+    async def Suggest(self, request, context):
+        prefix = request.prefix
+        if not prefix.strip():
+            raise InvalidArgument("prefix must not be empty or whitespace", field="prefix")
+        if len(prefix) > MAX_PREFIX_CHARS:
+            raise InvalidArgument(f"prefix is {len(prefix)} characters; the limit is {MAX_PREFIX_CHARS}", field="prefix")
+        if has_control_chars(prefix):
+            raise InvalidArgument("prefix must not contain control characters", field="prefix")
+        k = DEFAULT_SUGGEST_K
+        if request.HasField("k"):
+            k = request.k
+            if not 1 <= k <= MAX_SUGGEST_K:
+                raise InvalidArgument(f"k must be between 1 and {MAX_SUGGEST_K}, got {k}", field="k")
+        user_id = _text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False)
+        runtime = self.holder.current
+        if runtime.suggester is None:
+            raise FailedPrecondition(f"bundle {runtime.version} has no suggestion table (built before suggestions); "
+                                     "give it one with `python -m training suggest --bundle B --query-log CSV --out NEW`",
+                                     field="bundle")
+        categories: frozenset[str] = frozenset()
+        store = self.holder.store
+        if user_id and store is not None:
+            items = runtime.bundle.items
+            rows = [items.id_to_row.get(i) for i, _ in (await store.user_events(self.pseudonymise(user_id)))[-PERSONAL_EVENTS:]]
+            categories = frozenset(items.categories[r].lower() for r in rows if r is not None and items.categories[r])
+        out = runtime.suggester.suggest(prefix, k, categories, request.include_zero_results, request.include_blocked)
+        return pb.SuggestResponse(bundle_version=runtime.version, suggestions=[
+            pb.Suggestion(text=s.text, results=s.results, top_category=s.top_category, score=s.score, source=s.source,
+                          corrected=s.corrected, personalised=s.personalised) for s in out])
+
+    # --- merchandising rules -------------------------------------------------------------------
+    def _rule(self, r, f: str, catalog) -> dict:
+        """pb.Rule -> the record the log and the store keep (validated)."""
+        rule_id = _text_field(r.rule_id, f"{f}.rule_id", MAX_RULE_ID_CHARS, required=True)
+        kind = r.WhichOneof("action")
+        if kind is None:
+            raise InvalidArgument(f"{f} needs one of synonyms, pin, boost or hide", field=f)
+        query = _text_field(r.query, f"{f}.query", MAX_QUERY_CHARS, required=False)
+        key = phrase_key(query)
+        if query and not key:
+            raise InvalidArgument(f"{f}.query has no words", field=f"{f}.query")
+        if r.match not in (0, 1):
+            raise InvalidArgument(f"{f}.match must be EXACT or CONTAINS, got {r.match}", field=f"{f}.match")
+        rec: dict = {"rule_id": rule_id, "kind": kind, "query": key, "match": "contains" if r.match == 1 else "exact"}
+
+        def known(item_id: str, field: str) -> str:
+            item_id = _text_field(item_id, field, MAX_ID_CHARS, required=True)
+            if item_id not in catalog.id_to_row:
+                raise NotFound(f"{field} {item_id!r} is not in the catalog; no rule of this request was stored",
+                               field=field)
+            return item_id
+
+        if kind == "synonyms":
+            if key:
+                raise InvalidArgument(f"{f}.query must be empty for synonyms: they fire on their own terms",
+                                      field=f"{f}.query")
+            s = r.synonyms
+            if not 2 <= len(s.terms) <= MAX_SYNONYM_TERMS:
+                raise InvalidArgument(f"{f}.synonyms.terms has {len(s.terms)} terms; give 2..{MAX_SYNONYM_TERMS}",
+                                      field=f"{f}.synonyms.terms")
+            terms = []
+            for j, t in enumerate(s.terms):
+                tf = f"{f}.synonyms.terms[{j}]"
+                term = phrase_key(_text_field(t, tf, MAX_FILTER_VALUE_CHARS, required=True))
+                if not term:
+                    raise InvalidArgument(f"{tf} has no words", field=tf)
+                if term in terms:
+                    raise InvalidArgument(f"{tf} {term!r} repeats an earlier term", field=tf)
+                terms.append(term)
+            rec.update(terms=terms, one_way=bool(s.one_way))
+        elif kind == "pin":
+            if not key:
+                raise InvalidArgument(f"{f}.query is required for a pin (the query it places the item in)",
+                                      field=f"{f}.query")
+            if not 1 <= r.pin.position <= MAX_PIN_POSITION:
+                raise InvalidArgument(f"{f}.pin.position must be between 1 and {MAX_PIN_POSITION}, got {r.pin.position}",
+                                      field=f"{f}.pin.position")
+            rec.update(item_id=known(r.pin.item_id, f"{f}.pin.item_id"), position=int(r.pin.position))
+        elif kind == "boost":
+            b = r.boost
+            fld = _text_field(b.field, f"{f}.boost.field", MAX_FILTER_VALUE_CHARS, required=True)
+            if fld not in BOOST_FIELDS and not (fld.startswith("attributes.") and len(fld) > len("attributes.")):
+                raise InvalidArgument(f"{f}.boost.field must be brand, category, in_stock or attributes.KEY, got {fld!r}",
+                                      field=f"{f}.boost.field")
+            value = _text_field(b.value, f"{f}.boost.value", MAX_FILTER_VALUE_CHARS, required=True)
+            if fld == "in_stock" and value.lower() not in ("true", "false"):
+                raise InvalidArgument(f"{f}.boost.value must be true or false for in_stock, got {value!r}",
+                                      field=f"{f}.boost.value")
+            if not (math.isfinite(b.weight) and 0 < abs(b.weight) <= MAX_BOOST):
+                raise InvalidArgument(f"{f}.boost.weight must be a non-zero number between -{MAX_BOOST:g} and "
+                                      f"{MAX_BOOST:g} (negative buries), got {b.weight}", field=f"{f}.boost.weight")
+            rec.update(field=fld, value=value, weight=float(b.weight))
+        else:
+            rec.update(item_id=known(r.hide.item_id, f"{f}.hide.item_id"))
+        return rec
+
+    @_rpc
+    async def PutRules(self, request, context):
+        self._live()
+        self._batch_size(len(request.rules), "rules")
+        catalog = self.holder.current.bundle.items
+        records, seen = [], set()
+        for i, r in enumerate(request.rules):
+            rec = self._rule(r, f"rules[{i}]", catalog)
+            if rec["rule_id"] in seen:
+                raise InvalidArgument(f"rules[{i}].rule_id {rec['rule_id']!r} appears twice in this request",
+                                      field=f"rules[{i}].rule_id")
+            seen.add(rec["rule_id"])
+            records.append(rec)
+        live = self.holder.live
+        if len(set(live.rules) | seen) > MAX_RULES:
+            raise InvalidArgument(f"rules would number {len(set(live.rules) | seen)}; the limit is {MAX_RULES}",
+                                  field="rules")
+        async with self.holder.catalog_lock:  # in the catalog's order: a sequence token covers rules too
+            token = await self.replica.write_catalog("rules", records, None)
+        return pb.PutRulesResponse(put=len(records), sequence_token=token)
+
+    @_rpc
+    async def DeleteRules(self, request, context):
+        live = self._live()
+        self._batch_size(len(request.rule_ids), "rule_ids")
+        ids = [_text_field(r, f"rule_ids[{i}]", MAX_RULE_ID_CHARS, required=True) for i, r in enumerate(request.rule_ids)]
+        for i, rule_id in enumerate(ids):
+            if rule_id not in live.rules:
+                raise NotFound(f"rule_ids[{i}] {rule_id!r} is not a rule; nothing was deleted", field=f"rule_ids[{i}]")
+        unique = list(dict.fromkeys(ids))
+        async with self.holder.catalog_lock:
+            token = await self.replica.write_catalog("rules", [{"rule_id": r, "deleted": True} for r in unique], None)
+        return pb.DeleteRulesResponse(deleted=len(unique), sequence_token=token)
+
+    @_rpc
+    async def ListRules(self, request, context):
+        live = self.holder.live
+        rules = sorted((live.rules if live is not None else {}).values(), key=lambda r: r["rule_id"])
+        return pb.ListRulesResponse(rules=[_rule_pb(r) for r in rules])
 
     # --- Recommend ---------------------------------------------------------------------------
     def _rec_query(self, runtime, user_id: str, recent: tuple[str, ...], k: int, filters: Filters,
@@ -494,6 +706,10 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                                       field=f"items[{i}].item_id")
             seen.add(items[-1]["item_id"])
         deadline = _deadline(context)
+        table, now_ms = self.holder.current.bundle.items, time.time() * 1000
+        for it in items:  # when it entered the catalog (the "newest" sort): a change keeps the first time
+            row = table.id_to_row.get(it["item_id"])
+            it["added_ms"] = float(table.added_ms[row]) if row is not None and table.added_ms[row] > 0 else now_ms
         # Before the encoding: the passage an item is encoded from includes its category.
         fills = await self._autofill(self.holder.current, items, deadline)
         async with self.holder.catalog_lock:
@@ -551,6 +767,21 @@ def _attributes(attributes, f: str) -> dict[str, str]:
     return {_text_field(k, f"{f}.attributes key", MAX_FILTER_VALUE_CHARS, required=True):
             _text_field(v, f"{f}.attributes[{k}]", MAX_FILTER_VALUE_CHARS, required=False)
             for k, v in attributes.items()}
+
+
+def _rule_pb(r: dict) -> "pb.Rule":
+    """A stored rule record -> pb.Rule."""
+    out = pb.Rule(rule_id=r["rule_id"], query=r["query"], match=1 if r["match"] == "contains" else 0)
+    if r["kind"] == "synonyms":
+        out.synonyms.terms.extend(r["terms"])
+        out.synonyms.one_way = r["one_way"]
+    elif r["kind"] == "pin":
+        out.pin.item_id, out.pin.position = r["item_id"], r["position"]
+    elif r["kind"] == "boost":
+        out.boost.field, out.boost.value, out.boost.weight = r["field"], r["value"], r["weight"]
+    else:
+        out.hide.item_id = r["item_id"]
+    return out
 
 
 def _prediction(p) -> "pb.CategoryPrediction":

@@ -66,6 +66,11 @@ class LiveState:
         self.event_ids: OrderedDict[str, None] = OrderedDict()  # insertion-ordered, bounded
         self.max_event_ids = max_event_ids
         self.items: dict[str, dict[str, Any] | None] = {}  # item_id -> upserted fields, None = deleted
+        # Searches the event stream reports (an engaged event's query): the suggestions' live log.
+        self.query_counts: dict[str, float] = {}
+        self.query_listeners: list = []  # callables (query, weight): the served suggesters
+        self.rules: dict[str, dict[str, Any]] = {}  # rule_id -> merchandising rule (server.rules)
+        self.rules_version = 0  # bumped by every rule change: the compiled RuleSet is rebuilt from it
         self.log: EventLog | None = None
         self.replay_report = ReplayReport()
         if state_dir is not None:
@@ -89,6 +94,8 @@ class LiveState:
             elif kind == "delete":
                 self.apply_deletes(record["item_ids"])
                 rep.deletes += len(record["item_ids"])
+            elif kind == "rules":
+                self.apply_rules(record["rules"])
         rep.torn_bytes, rep.problem = scan.torn_bytes, scan.problem
         rep.seconds = time.perf_counter() - started
         if scan.torn_bytes:
@@ -115,6 +122,11 @@ class LiveState:
             self.log.append({"kind": "upsert", "items": items})
         self.apply_upserts(items)
 
+    def record_rules(self, records: list[dict[str, Any]]) -> None:
+        if self.log is not None:
+            self.log.append({"kind": "rules", "rules": records})
+        self.apply_rules(records)
+
     def record_deletes(self, item_ids: list[str]) -> None:
         if self.log is not None:
             self.log.append({"kind": "delete", "item_ids": item_ids})
@@ -135,11 +147,24 @@ class LiveState:
             else:
                 self.users.move_to_end(e.user_id)
             q.append((sys.intern(e.item_id), e.type))
+            if e.query and e.type != VIEW:  # a search that led somewhere: clicks, carts, purchases
+                self.query_counts[e.query] = self.query_counts.get(e.query, 0.0) + 1.0
+                for listener in self.query_listeners:
+                    listener(e.query, 1.0)
             self.item_counts[e.item_id] = self.item_counts.get(e.item_id, 0.0) + EVENT_WEIGHT.get(e.type, 0.0)
 
     def apply_upserts(self, items: list[dict[str, Any]]) -> None:
         for it in items:
             self.items[it["item_id"]] = it
+
+    def apply_rules(self, records: list[dict[str, Any]]) -> None:
+        """Rule puts ({..rule..}) and deletes ({"rule_id": id, "deleted": true})."""
+        for r in records:
+            if r.get("deleted"):
+                self.rules.pop(r["rule_id"], None)
+            else:
+                self.rules[r["rule_id"]] = r
+        self.rules_version += 1
 
     def apply_deletes(self, item_ids: list[str]) -> None:
         for i in item_ids:

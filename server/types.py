@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from server.listing import ListPage, Listing
+    from server.rules import Matched
 
 
 @dataclass(frozen=True)
@@ -14,10 +21,12 @@ class Filters:
     brands: tuple[str, ...] = ()
     in_stock_only: bool = False
     item_ids: tuple[str, ...] = ()
+    below_price: float | None = None  # exclusive upper bound (price facet buckets)
 
     @property
     def active(self) -> bool:
-        return (self.min_price is not None or self.max_price is not None or bool(self.categories)
+        return (self.min_price is not None or self.max_price is not None or self.below_price is not None
+                or bool(self.categories)
                 or bool(self.brands) or self.in_stock_only or bool(self.item_ids))
 
 
@@ -31,6 +40,9 @@ class SearchQuery:
     filters: Filters = NO_FILTERS
     explain: bool = False
     user_id: str = ""
+    prefix: bool = False  # search as you type: the last word may be unfinished
+    listing: "Listing | None" = None  # list mode (server.listing)
+    rules: "Matched | None" = None  # merchandising rules that match the query (server.rules)
 
 
 @dataclass(frozen=True)
@@ -59,3 +71,6 @@ class SearchOutcome:
     rank_s: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     corrected_query: str = ""  # set when spelling correction changed the query
+    page: "ListPage | None" = None  # list mode: the page, its position, the set's size and facets
+    qvec: "np.ndarray | None" = None  # list mode: the float16 query vector every page of the list uses
+    fired: list = field(default_factory=list)  # server.rules.Fired: the rules that changed this answer

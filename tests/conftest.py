@@ -84,8 +84,8 @@ def sample_bundle(tmp_path_factory) -> Path:
     # Bounded by epochs (early stopping ends it near 50 here, in ~8 s), not by the clock: the generous time
     # cap only guards against a hang, so a slower machine trains the same model.
     assert training_main(["build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--interactions",
-                          str(SAMPLE / "interactions.csv"), "--out", str(out), "--name", "sample", "--device", "cpu",
-                          "--rec-minutes", "20", "--rec-epochs", "60"]) == 0
+                          str(SAMPLE / "interactions.csv"), "--query-log", str(SAMPLE / "judgments.csv"),
+                          "--out", str(out), "--name", "sample", "--device", "cpu", "--rec-minutes", "20", "--rec-epochs", "60"]) == 0
     return out
 
 

@@ -111,6 +111,30 @@ def test_a_catalog_change_is_visible_on_every_replica_and_its_token_reads_it_at_
     assert hits[0].item_id == "FLEET-2"
 
 
+def test_storefront_state_is_shared_rules_page_tokens_and_suggestions(pair, sample_bundle, redis_server, prefix, pb):
+    """A rule put on a, read at its token on b; a page token issued by a is accepted by b (one key in the store);
+    a query engaged on a becomes a suggestion on b; a replica started later has the rules."""
+    a, b = (stub_for(r.target) for r in pair)
+    put = a.PutRules(pb.PutRulesRequest(rules=[pb.Rule(rule_id="pin", query="cordless drill",
+                                                       pin=pb.Pin(item_id="SR-00196", position=1))]))
+    first = b.Search(pb.SearchRequest(query="cordless drill", k=3, explain=True, min_sequence_token=put.sequence_token))
+    assert first.items[0].item_id == "SR-00196" and first.rules_fired[0].rule_id == "pin"
+    page1 = a.Search(pb.SearchRequest(query="drill", k=2, paged=True))
+    page2 = b.Search(pb.SearchRequest(query="drill", k=2, paged=True, page_token=page1.next_page_token))
+    whole = a.Search(pb.SearchRequest(query="drill", k=4, offset=0))
+    assert [i.item_id for i in page1.items] + [i.item_id for i in page2.items] == [i.item_id for i in whole.items]
+    a.Feedback(pb.FeedbackRequest(events=[pb.Event(event_id="sg-1", user_id="u", item_id="SR-00220",
+                                                   type=pb.Event.CLICK, query="bistro patio dining set")]))
+    wait_until(lambda: any(s.text == "bistro patio dining set"
+                           for s in b.Suggest(pb.SuggestRequest(prefix="bistro p", k=20)).suggestions), 30,
+               "the engaged query on replica b")
+    c = start_replica(sample_bundle, redis_server, prefix, "c")
+    try:
+        assert [r.rule_id for r in stub_for(c.target).ListRules(pb.ListRulesRequest()).rules] == ["pin"]
+    finally:
+        c.stop()
+
+
 def test_bad_sequence_tokens_are_refused_naming_the_field(pair, pb):
     a, _ = pair
     sa = stub_for(a.target)

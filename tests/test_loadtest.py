@@ -25,10 +25,11 @@ def test_locust_headless_mix(target, sample_bundle, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "load_stats.csv"))}
-    for method in ("Search", "Recommend", "SimilarItems", "Feedback"):
+    for method in ("Search", "Suggest", "Recommend", "SimilarItems", "Feedback"):
         assert int(rows[method]["Request Count"]) > 0, f"no {method} calls"
         assert int(rows[method]["Failure Count"]) == 0, f"{method} failed: {rows[method]}"
     assert int(rows["Search"]["Request Count"]) > int(rows["Feedback"]["Request Count"])
+    assert int(rows["Suggest"]["Request Count"]) > int(rows["Search"]["Request Count"])  # several per Search
     assert "load generator CPU" in out.stdout + out.stderr
 
 

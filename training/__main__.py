@@ -29,6 +29,7 @@ import transformers
 
 from common.bundle_format import sha256_file
 from common.encoding import DTYPES, DeviceError, resolve_device, resolve_dtype
+from common.suggest import read_query_log
 from training.bundle_writer import BuildOptions, write_bundle
 from training.catalog import CatalogError, load_catalog
 from training.data import DataError, prepare_catalog, prepare_homedepot
@@ -59,6 +60,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="real-data directory (default: $SEARCHREC_DATA_DIR or ../shared/data)")
     p.add_argument("--catalog", type=Path, help="catalog file (.jsonl or .csv) of the project's format")
     p.add_argument("--judgments", type=Path, help="judgments CSV: query,item_id,relevance (1..3)")
+    p.add_argument("--query-log", type=Path,
+                   help="CSV with a query column (and an optional count): the query log suggestions learn from")
     p.add_argument("--on-error", choices=("fail", "drop"), default="fail",
                    help="a malformed row: stop with its file and row (fail) or drop and count it (drop)")
 
@@ -144,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--epochs", type=int, default=12, help="most epochs of fine-tuning (the budget usually ends it sooner)")
     bc.add_argument("--seed", type=int, default=0)
     _common(bc)
+    sg = sub.add_parser("suggest", help="a bundle with its suggestion table built again from a query log "
+                                         "(new version; nothing re-encoded)")
+    sg.add_argument("--bundle", type=Path, required=True)
+    sg.add_argument("--query-log", type=Path, required=True,
+                    help="CSV with a query column (and an optional count)")
+    sg.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
     return parser
 
 
@@ -252,7 +261,7 @@ def cmd_build_rec(args: argparse.Namespace) -> int:
     encoder_dir = args.encoder or default_encoder_dir()
     opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or inp.name, device=device,
                         dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
-                        max_length=args.max_length)
+                        max_length=args.max_length, query_log=_query_log(args))
     cfg = SeqRecConfig(dims=args.rec_dims, max_len=args.rec_max_len, max_minutes=args.rec_minutes,
                        max_epochs=args.rec_epochs, device=device, seed=args.seed,
                        amp_dtype="bfloat16" if device.startswith("cuda") else "float32")
@@ -305,6 +314,16 @@ def cmd_build_with_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query_log(args: argparse.Namespace) -> dict[str, float] | None:
+    path = getattr(args, "query_log", None)
+    if path is None:
+        return None
+    try:
+        return read_query_log(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--query-log: {exc}") from exc
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     if getattr(args, "classifier", False) or getattr(args, "classifier_data", None) or getattr(args, "classifier_from", None):
         return cmd_build_with_classifier(args)
@@ -329,7 +348,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or args.catalog.stem, device=device,
                         dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
                         max_length=args.max_length,
-                        data_fingerprints={"catalog": f"sha256:{sha256_file(args.catalog)}"})
+                        data_fingerprints={"catalog": f"sha256:{sha256_file(args.catalog)}"},
+                        query_log=_query_log(args))
     manifest = write_bundle(items, args.out, opts)
     print(f"bundle {manifest['bundle_version']} -> {args.out}")
     print(f"  items {manifest['items']['count']}, dims {manifest['encoder']['dims']}, "
@@ -419,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "build-classifier":
             return cmd_build_classifier(args)
+        if args.command == "suggest":
+            from training.bundle_writer import rebuild_suggest
+
+            manifest = rebuild_suggest(args.bundle, args.out, _query_log(args))
+            print(f"bundle {manifest['bundle_version']} -> {args.out}: {manifest['suggest']['phrases']} phrases "
+                  f"({manifest['suggest']['log_phrases']} from the log)")
+            return 0
         return cmd_step(args)
     except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError, ValueError) as exc:  # ClassifyDataError too
         print(f"error: {exc}", file=sys.stderr)

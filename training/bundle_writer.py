@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from common import bundle_format as bf
 from common.cpu import cpu_kind
 from common.encoding import TextEncoder
+from common.suggest import CATALOG_WEIGHT, SUGGEST_FILE, build_table, load_blocklist
 from common.text import tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
 
@@ -91,6 +92,9 @@ class BuildOptions:
     # Called with (bundle dir, item vectors) after encoding; writes the recommender's files and
     # returns its manifest section (training.recbuild.build_recommender behind a closure).
     recommender: Callable[[Path, np.ndarray], dict[str, Any]] | None = None
+    # Query -> how often it was searched: the suggestion table's log part (common.suggest). Catalog phrases
+    # are always mined, so a bundle without a log still suggests.
+    query_log: dict[str, float] | None = None
 
 
 def passage_text(row: pd.Series) -> str:
@@ -284,6 +288,10 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
     (root / bf.VOCAB_FILE).write_text(json.dumps(words), encoding="utf-8")
     timings["lexical_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    suggest = _write_suggest(root, items, words, arrays["bm25_indptr"], arrays["bm25_indices"], opts.query_log)
+    timings["suggest_s"] = time.perf_counter() - t0
+
     popularity = opts.popularity if opts.popularity is not None else np.zeros(len(items), np.float32)
     np.save(root / bf.POPULARITY_FILE, popularity.astype(np.float32))
     (root / bf.RERANKER_FILE).write_text(json.dumps(default_reranker(), indent=2), encoding="utf-8")
@@ -315,6 +323,7 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
                     "tokenizer": "common.text.tokenize", "spelling": "titles"},
         "reranker": {"file": bf.RERANKER_FILE, "type": "linear", "features": list(FEATURE_NAMES)},
         "popularity": {"file": bf.POPULARITY_FILE},
+        "suggest": suggest,
         "metrics": {},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         **opts.extra_manifest,
@@ -324,6 +333,45 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
         manifest["recommender"] = opts.recommender(root, vectors)
         manifest["timings"]["recommender_s"] = round(time.perf_counter() - t0, 3)
     return seal(root, manifest)
+
+
+def _write_suggest(root: Path, items: pd.DataFrame, words: list[str], indptr: np.ndarray, indices: np.ndarray,
+                   query_log: dict[str, float] | None) -> dict[str, Any]:
+    """Write the suggestion table (common.suggest) into a bundle folder; returns its manifest section."""
+    (root / "suggest").mkdir(exist_ok=True)
+    table = build_table(query_log or {}, items, {w: i for i, w in enumerate(words)}, indptr, indices,
+                        load_blocklist())
+    table.to_parquet(root / SUGGEST_FILE, index=False)
+    return {"file": SUGGEST_FILE, "phrases": len(table), "log_phrases": int((table["log_count"] > 0).sum()),
+            "catalog_phrases": int((table["catalog_count"] > 0).sum()), "blocked": int(table["blocked"].sum()),
+            "catalog_weight": CATALOG_WEIGHT}
+
+
+def rebuild_suggest(bundle: str | Path, out_dir: str | Path, query_log: dict[str, float] | None) -> dict[str, Any]:
+    """A copy of bundle with its suggestion table built from query_log and the bundle's own catalog and lexical
+    index (a new version; the encoder, vectors and indexes are copied as they are)."""
+    bundle, out_dir = Path(bundle), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: output directory already exists; choose a new path")
+    manifest = bf.read_manifest(bundle)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(bundle, tmp)
+        items = pd.read_parquet(tmp / manifest["items"]["file"])
+        lex = np.load(tmp / manifest["lexical"]["file"], allow_pickle=False)
+        words = json.loads((tmp / manifest["lexical"]["vocab"]).read_text(encoding="utf-8"))
+        t0 = time.perf_counter()
+        manifest["suggest"] = _write_suggest(tmp, items, words, lex["bm25_indptr"], lex["bm25_indices"], query_log)
+        manifest.setdefault("timings", {})["suggest_s"] = round(time.perf_counter() - t0, 3)
+        manifest["suggest"]["rebuilt_from"] = manifest["bundle_version"]
+        (tmp / bf.MANIFEST).unlink()
+        manifest = seal(tmp, manifest)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
 
 
 def seal(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -197,7 +197,10 @@ class Pipeline:
         opts = BuildOptions(encoder_dir=self.cfg.work / f"encoder_{self.cfg.finetune.method}",
                             encoder_name=f"all-MiniLM-L6-v2 fine-tuned ({self.cfg.finetune.method})",
                             name=self.cfg.name, device=self.cfg.device, dtype=self.cfg.dtype, batch_size=64,
-                            data_fingerprints=self.fingerprints(), tuning_queries=tuning_queries)
+                            data_fingerprints=self.fingerprints(), tuning_queries=tuning_queries,
+                            # The suggestion log: training-split queries only (test queries stay unseen),
+                            # each judged row of a query counting one search.
+                            query_log=judgments.loc[judgments.split == "train", "query"].value_counts().to_dict())
         manifest = write_bundle(items, stage, opts)
         return {"timings": manifest["timings"], "index": manifest["index"]}
 

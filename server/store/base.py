@@ -6,6 +6,7 @@ its change; a read that carries one is answered only once this replica has appli
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -47,6 +48,7 @@ class StateStore:
         self.up = True  # False while the store cannot be reached (reads answer from `live`)
         self.stale_reads = 0  # reads answered from the local view because the store was unreachable
         self.write_failures = 0  # writes refused with UNAVAILABLE because the store was unreachable
+        self._secrets: dict[str, bytes] = {}
 
     @property
     def url(self) -> str:
@@ -65,12 +67,20 @@ class StateStore:
         raise NotImplementedError
 
     async def append_catalog(self, kind: str, payload: list[Any]) -> str:
-        """Durably record a catalog change ("upsert": item dicts, "delete": item ids); returns its token."""
+        """Durably record a catalog change ("upsert": item dicts, "delete": item ids, "rules": merchandising rule
+        records); returns its token."""
         raise NotImplementedError
 
     async def last_token(self) -> str:
         """The token of the newest recorded catalog change."""
         raise NotImplementedError
+
+    async def secret(self, name: str) -> bytes:
+        """A random 32-byte key made once and kept with the state (every replica reads the same one); the
+        page-token key. This base class keeps it for the life of the process."""
+        if name not in self._secrets:
+            self._secrets[name] = os.urandom(32)
+        return self._secrets[name]
 
     def info(self) -> dict[str, Any]:
         """Figures for GetInfo and metrics."""

@@ -6,6 +6,7 @@ already applied when the caller gets it.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from server.state import Event, LiveState
@@ -42,11 +43,28 @@ class LocalStore(StateStore):
         return self.live.user_events(user_id)
 
     async def append_catalog(self, kind: str, payload: list[Any]) -> str:
-        record = self.live.record_upserts if kind == "upsert" else self.live.record_deletes
+        record = {"upsert": self.live.record_upserts, "delete": self.live.record_deletes,
+                  "rules": self.live.record_rules}[kind]
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(None, record, payload)
             self.seq += 1
             return f"0-{self.seq}"
+
+    async def secret(self, name: str) -> bytes:
+        """Kept in a 0600 file beside the log, so tokens outlive a restart."""
+        log = self.live.log
+        if log is None:
+            return await super().secret(name)
+        path = log.path.parent / f"{name}.key"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return path.read_bytes()
 
     async def last_token(self) -> str:
         return f"0-{self.seq}"

@@ -147,10 +147,12 @@ class RedisStore(StateStore):
             pipe.xrevrange(self.key("events"), count=1)
             pipe.xrevrange(self.key("control"), count=1)
             pipe.hgetall(self.key("bundle"))
-            items, cat, counts, ev, ctl, bundle = await pipe.execute()
+            pipe.hgetall(self.key("rules"))
+            items, cat, counts, ev, ctl, bundle, rules = await pipe.execute()
         for item_id, value in items.items():
             self.live.items[item_id] = json.loads(value) if value else None
         self.live.item_counts.update({k: float(v) for k, v in counts.items()})
+        self.live.apply_rules([json.loads(v) for v in rules.values() if v])
         for name, last in (("catalog", cat), ("events", ev), ("control", ctl)):
             self.ids[name] = last[0][0] if last else ZERO
         self.active = bundle
@@ -188,13 +190,23 @@ class RedisStore(StateStore):
         if kind == "upsert":
             for it in payload:
                 args += [it["item_id"], _json(it)]
+        elif kind == "rules":  # the rules hash holds the current rules; a deleted rule's value is ""
+            for r in payload:
+                args += [r["rule_id"], "" if r.get("deleted") else _json(r)]
         else:
             for item_id in payload:
                 args += [item_id, ""]
+        table = self.key("rules") if kind == "rules" else self.key("items")
         try:
-            return await self._catalog(keys=[self.key("catalog"), self.key("items")], args=args)
+            return await self._catalog(keys=[self.key("catalog"), table], args=args)
         except ERRORS as exc:
             raise self._refused("catalog change", exc) from exc
+
+    async def secret(self, name: str) -> bytes:
+        """Made by the first replica that asks (SET NX), read by the others."""
+        key = self.key(f"secret:{name}")
+        await self.r.set(key, os.urandom(32).hex(), nx=True)
+        return bytes.fromhex(await self.r.get(key))
 
     # --- reads --------------------------------------------------------------------------------
     async def user_events(self, user_id: str) -> list[tuple[str, int]]:
