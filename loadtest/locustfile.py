@@ -4,7 +4,11 @@
         --csv out/load --html out/load.html
 
 Mix (task weights): Search 70 (real queries: the Home Depot dev queries when the data directory is
-there, else the sample's; filters on 20% of them), Recommend 15, SimilarItems 10, Feedback 5.
+there, else the sample's; filters on 20% of them), Recommend 15, SimilarItems 10, Feedback 5. A Search is
+preceded by what a storefront sends while the shopper types it: a Suggest for each of up to four prefixes
+(several Suggest calls per Search, as in production autocomplete) and, one time in three, a search-as-you-type
+Search on the half-typed query; three Searches in ten are storefront lists (facets, a sort, a page token), and
+a third of those fetch the next page.
 Item and user ids come from the bundle being served (SEARCHREC_BUNDLE, default bundles/sample).
 Every call has a deadline (SEARCHREC_DEADLINE_MS, default 1000); SEARCHREC_TOKEN and SEARCHREC_TLS_CA
 reach a server that runs with --tokens / TLS. An interceptor reports each call
@@ -85,6 +89,9 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
         return call
 
 
+SUGGESTS_PER_SEARCH = 4
+
+
 class SearchrecUser(User):
     wait_time = between(0.0, 0.05)
 
@@ -107,7 +114,24 @@ class SearchrecUser(User):
 
     @task(70)
     def search(self) -> None:
-        req = pb.SearchRequest(query=random.choice(QUERIES), k=10)
+        query = random.choice(QUERIES)
+        for n in sorted(random.sample(range(1, len(query) + 1), min(SUGGESTS_PER_SEARCH, len(query)))):
+            self._call(self.stub.Suggest, pb.SuggestRequest(prefix=query[:n], k=8, user_id=self.user_id))
+        if random.random() < 1 / 3:
+            self._call(self.stub.Search, pb.SearchRequest(query=query[: max(1, len(query) // 2)], k=10, prefix=True))
+        req = pb.SearchRequest(query=query, k=10)
+        if random.random() < 0.3:
+            req.facets.extend(("category", "brand", "price"))
+            req.sort = random.choice((pb.RELEVANCE, pb.PRICE_ASC, pb.PRICE_DESC, pb.POPULARITY))
+            req.paged = True
+            try:
+                resp = self.stub.Search(req, timeout=DEADLINE_S)
+            except grpc.RpcError:
+                return  # already reported as a failure by the interceptor
+            if resp.next_page_token and random.random() < 1 / 3:
+                req.page_token = resp.next_page_token
+                self._call(self.stub.Search, req)
+            return
         if random.random() < 0.2:
             if CATEGORIES and random.random() < 0.5:
                 req.filters.categories.append(random.choice(CATEGORIES))
