@@ -98,8 +98,12 @@ class SearchEngine:
             if q.listing is None:
                 out.hits = [Hit(int(cand_rows[p]), float(scores[p]), why(int(p), float(scores[p]), None))
                             for p in picks]
-                if q.rules and q.rules.pins:
-                    out.hits = self._pin_hits(q, out.hits, masks[i], hidden[i], fired[i])
+                if q.rules and q.rules.pins:  # a pinned candidate below the top k keeps its own score and why
+                    seg = range(int(offsets[i]), int(offsets[i + 1]))
+                    pinned_rows = {self.bundle.items.id_to_row.get(item) for _, item, _ in q.rules.pins}
+                    ranked = {int(cand_rows[p]): Hit(int(cand_rows[p]), float(scores[p]), why(p, float(scores[p]), None))
+                              for p in seg if int(cand_rows[p]) in pinned_rows}
+                    out.hits = self._pin_hits(q, out.hits, masks[i], hidden[i], fired[i], ranked=ranked)
             else:
                 best = self._best_dense(qvecs[i], q.filters.active, feats[picks, DENSE_FEATURE])
                 out.page = self._page(q, picks, feats, scores, cand_rows, best, masks[i], hidden[i], fired[i])
@@ -197,8 +201,9 @@ class SearchEngine:
         return why
 
     def _pin_hits(self, q: SearchQuery, hits: list[Hit], mask: np.ndarray | None, hidden: dict[int, str],
-                  fired: list[Fired], limit: int | None = -1) -> list[Hit]:
-        """Place each pinned item (in the catalog, admitted by the filters, not hidden) at its position."""
+                  fired: list[Fired], limit: int | None = -1, ranked: dict[int, Hit] | None = None) -> list[Hit]:
+        """Place each pinned item (in the catalog, admitted by the filters, not hidden) at its position; `ranked`:
+        candidates outside `hits` with their own score and explanation."""
         ids = self.bundle.items.id_to_row
         for rule_id, item_id, position in sorted(q.rules.pins, key=lambda p: (p[2], p[0])):
             row = ids.get(item_id)
@@ -207,6 +212,8 @@ class SearchEngine:
             existing = next((h for h in hits if h.row == row), None)
             if existing is not None:
                 hits.remove(existing)
+            elif ranked and row in ranked:
+                existing = ranked[row]
             at = min(position - 1, len(hits))
             if existing is not None:
                 why = existing.explanation + ((Contribution(f"rule:{rule_id}", 1.0, 0.0),) if q.explain else ())

@@ -9,6 +9,7 @@ threads at once; a live catalog change waits for them and runs alone (its `Compu
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -303,6 +304,17 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     return runtime
 
 
+def settle_heap() -> None:
+    """Move everything alive now out of the cyclic garbage collector's sight (gc.freeze) once a bundle is in
+    place: its hundreds of thousands of strings, dicts and arrays are never garbage, but every full collection
+    walked them, stalling the event loop for tens of milliseconds at random (Suggest's p99 at 100 calls/s on the
+    Home Depot bundle came from those pauses). Unfrozen and collected first, so a swapped-out bundle (its
+    batchers and runtime refer to each other) is freed, not kept for ever."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class RuntimeHolder:
     """Holds the runtime being served and swaps in new ones."""
 
@@ -365,6 +377,7 @@ class RuntimeHolder:
         runtime = await self._build(path)
         runtime.start()
         self._current, self.source = runtime, Path(path)
+        settle_heap()
         return runtime
 
     async def reload(self, path: Path | None) -> tuple[Runtime, Runtime, float]:
@@ -392,6 +405,7 @@ class RuntimeHolder:
         new.start()
         self._current, self.source = new, Path(path)  # the swap: requests from here on take the new runtime
         await old.close()  # in-flight requests finish on the old bundle
+        settle_heap()
 
     async def close(self) -> None:
         await self.lag.close()

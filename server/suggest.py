@@ -31,10 +31,11 @@ from common.text import normalize
 
 FUZZY_FROM = 3
 FUZZY_WINDOW = 12  # an edit is looked for in the last this many characters (where the typing is)
+MIN_TYPO_WORD = 4  # ... and in a word at least this long
 FUZZY_WEIGHT = 0.5
 WORD_WEIGHT = 0.25
 PERSONAL_BOOST = 1.5
-POOL = 8  # candidates looked at per slot before filters and personalisation
+POOL = 4  # candidates looked at per slot before filters and personalisation
 MAX_WORD_COMPLETIONS = 5
 _HIGH = "\U0010ffff"
 
@@ -69,6 +70,7 @@ class Suggester:
     def __init__(self, table: pd.DataFrame, live_counts: dict[str, float],
                  stats: Callable[[str], tuple[int, str]]) -> None:
         self.texts: list[str] = table["text"].astype(str).tolist()  # sorted by the builder
+        self._texts_np = np.array(self.texts, dtype=str)  # the same, for looking up hundreds of typo variants at once
         self.row = {t: i for i, t in enumerate(self.texts)}
         log = table["log_count"].to_numpy(np.float64)
         self.base = log + _catalog_weight(table["catalog_count"].to_numpy(np.float64))
@@ -145,7 +147,18 @@ class Suggester:
 
         from_range(p, 1.0, False)
         if len(pool) < k and len(p) > FUZZY_FROM:
-            for variant in _edits(p, max(FUZZY_FROM, len(p) - FUZZY_WINDOW)):
+            variants = _edits(p, max(FUZZY_FROM, len(p) - FUZZY_WINDOW))
+            if variants and len(self._texts_np):  # one vectorised search; only variants that match go on
+                v = np.array(variants, dtype=str)
+                lo = np.searchsorted(self._texts_np, v)
+                hi = np.searchsorted(self._texts_np, np.char.add(v, _HIGH))
+                found = {variants[j] for j in np.flatnonzero(hi > lo)}
+            else:
+                found = set()
+            if self.extra:
+                found |= {x for x in variants
+                          if bisect.bisect_left(self.extra, x + _HIGH) > bisect.bisect_left(self.extra, x)}
+            for variant in sorted(found):
                 from_range(variant, FUZZY_WEIGHT, True)
         if len(pool) < k:  # only when the phrases run short: each completion is counted against the catalog
             self._complete_word(p, admit)
@@ -187,16 +200,29 @@ def _related(category: str, wanted: frozenset[str]) -> bool:
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 "
 
 
+def _typo_positions(p: str, keep: int) -> list[int]:
+    """Where an edit may fall: past the first `keep` characters, inside a word of at least MIN_TYPO_WORD characters
+    (a one- or two-letter word is too short to call a typo: "cordless d" is not "cordless i")."""
+    out, start = [], 0
+    for word in p.split(" "):
+        if len(word) >= MIN_TYPO_WORD:
+            out += [i for i in range(start, start + len(word)) if i >= keep]
+        start += len(word) + 1
+    return out
+
+
 def _edits(p: str, keep: int) -> list[str]:
-    """Every string one edit from p that leaves its first `keep` characters alone (distinct, p excluded)."""
+    """Every string one edit from p that leaves its first `keep` characters alone and edits a word of at least
+    MIN_TYPO_WORD characters (distinct, p excluded)."""
     out = set()
-    for i in range(keep, len(p)):
+    positions = _typo_positions(p, keep)
+    for i in positions:
         out.add(p[:i] + p[i + 1:])  # deletion
         if i + 1 < len(p):
             out.add(p[:i] + p[i + 1] + p[i] + p[i + 2:])  # swap of neighbours
         for c in _ALPHABET:
             out.add(p[:i] + c + p[i + 1:])  # substitution
-    for i in range(keep, len(p)):  # an insertion at the end is an extension: the plain prefix covers it
+    for i in positions:  # (an insertion at the end is an extension: the plain prefix covers it)
         for c in _ALPHABET:
             out.add(p[:i] + c + p[i:])  # insertion
     out.discard(p)

@@ -57,6 +57,12 @@ def test_pin_hide_boost_bury_and_explain(shop, pb):
     for it in resp.items:  # contributions (rules included) still sum to the score
         assert abs(sum(c.contribution for c in it.explanation) - it.score) < 1e-3
     assert any(c.name == "rule:pin-lamp" for c in resp.items[1].explanation)
+    # A pinned candidate from below the top k keeps its own score and explanation (plus the rule, weighing 0).
+    short = stub.Search(pb.SearchRequest(query=q, k=3, explain=True), timeout=30)
+    assert ids(short)[:2] == [base[5], lamp] and len(short.items) == 3
+    why = {c.name: c.contribution for c in short.items[0].explanation}
+    assert why["rule:pin-drill"] == 0.0 and "dense" in why
+    assert abs(sum(why.values()) - short.items[0].score) < 1e-3
     # Another query is untouched; a CONTAINS rule fires on queries that hold its words.
     assert not stub.Search(pb.SearchRequest(query="cordless drills kit", k=5, explain=True), timeout=30).rules_fired
     # Boost and bury by attribute: a brand up, out-of-stock items down, for every query.

@@ -252,6 +252,8 @@ def test_suggest_tolerates_one_typo_after_three_characters(shop, pb):
     assert got and got[0].text.startswith("patio") and got[0].corrected
     assert suggest(shop, pb, "cordlss d")[0].text.startswith("cordless d")  # deletion
     assert not suggest(shop, pb, "pta")  # the first three characters are taken as typed
+    # A one-letter word is too short to call a typo: "cordless d" is not read as "cordless i(mpact)".
+    assert not [s for s in suggest(shop, pb, "cordless d") if s.corrected]
 
 
 def test_suggest_learns_from_feedback_and_filters_zero_results_and_blocked(shop, pb):
