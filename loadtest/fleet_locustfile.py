@@ -4,7 +4,8 @@ must keep true while it serves.
     locust -f loadtest/fleet_locustfile.py --headless -u 16 -r 8 -t 60s --host 127.0.0.1:PROXY_PORT
 
 (`python -m fleet up` prints the proxy's address.) Besides the ordinary mix of the single-server locustfile
-(Search, Recommend, SimilarItems, Feedback), each simulated user checks, through the proxy, so that
+(Search with the Suggest calls and list pages that come with it, Recommend, SimilarItems, Feedback), each
+simulated user checks, through the proxy, so that
 consecutive calls usually land on different replicas:
 
 - read-your-writes: after its Feedback is acknowledged, its very next Recommend counts that event
@@ -78,7 +79,9 @@ class FleetUser(base.SearchrecUser):
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 self._violation("sequence-token", f"{item_id} not found with its token {up.sequence_token}")
 
-    @task(2)
+    # Weighted up since a Search task types its query first (Suggest calls, list pages: about six calls a task):
+    # the balance tally needs enough GetInfo calls to show both replicas in a short run.
+    @task(12)
     def which_replica(self) -> None:
         try:
             answered_by[self.stub.GetInfo(pb.GetInfoRequest(), timeout=base.DEADLINE_S).replica_id] += 1
