@@ -19,6 +19,7 @@ Everything runs on the event loop (no batching): a call is a few bisections and 
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -104,8 +105,9 @@ class Suggester:
             return
         info = self.extra_info.get(key)
         if info is None:
-            results, top = self.stats(key)
-            info = self.extra_info[key] = [0.0, results, top, is_blocked(key, self.blocklist)]
+            # Counted against the catalog when first suggested, not here: a Feedback of 1,000 new queries (or the
+            # replay of a long log at start) must not stall the event loop.
+            info = self.extra_info[key] = [0.0, None, "", is_blocked(key, self.blocklist)]
             bisect.insort(self.extra, key)
         info[0] += weight
 
@@ -141,8 +143,14 @@ class Suggester:
                                      "log" if self.from_log[i] or self.live[i] > 0 else "catalog", corrected),
                           bool(self.blocked[i]))
             lo = bisect.bisect_left(self.extra, key)
-            for text in self.extra[lo:bisect.bisect_left(self.extra, key + _HIGH, lo)][:want]:
-                count, results, top, blocked = self.extra_info[text]
+            in_range = self.extra[lo:bisect.bisect_left(self.extra, key + _HIGH, lo)]
+            if len(in_range) > want:  # the most searched, as for the table
+                in_range = heapq.nlargest(want, in_range, key=lambda t: self.extra_info[t][0])
+            for text in in_range:
+                info = self.extra_info[text]
+                if info[1] is None:
+                    info[1], info[2] = self.stats(text)
+                count, results, top, blocked = info
                 admit(Suggestion(text, results, top, count * weight, "log", corrected), blocked)
 
         from_range(p, 1.0, False)

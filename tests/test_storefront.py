@@ -342,3 +342,29 @@ def test_training_suggest_gives_a_bundle_a_new_table_and_old_bundles_are_refused
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "training suggest" in err.details()
     finally:
         srv.stop()
+
+
+def test_suggester_counts_live_phrases_only_when_it_suggests_them():
+    """A Feedback of many new queries (or a long log replayed at start) costs no catalog lookups on the event loop;
+    a live phrase is counted against the catalog when it is first suggested, and the most searched come first."""
+    import pandas as pd
+
+    from server.suggest import Suggester
+
+    calls = []
+
+    def stats(text):
+        calls.append(text)
+        return 3, "Lighting"
+
+    table = pd.DataFrame({"text": ["lamp"], "log_count": [1.0], "catalog_count": [0.0], "results": [5],
+                          "top_category": ["Lighting"], "blocked": [False]})
+    sg = Suggester(table, {f"query {i}": 1.0 for i in range(500)}, stats)
+    for i in range(500):
+        sg.observe(f"new query {i}")
+    sg.observe("new query 7", 5.0)
+    assert calls == []
+    got = sg.suggest("new q", 3)
+    assert got[0].text == "new query 7" and got[0].results == 3 and got[0].source == "log"
+    assert 0 < len(calls) <= 32  # the best few of the range only
+
