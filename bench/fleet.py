@@ -65,36 +65,14 @@ def pct(values, q: float) -> float:
 # --- 1. throughput at a latency bound -----------------------------------------------------------
 
 def closed_loop(target: str, clients: int, seconds: float) -> dict:
-    lat: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
+    local = threading.local()  # a channel per client thread, as separate callers would have
 
-    def worker(i: int) -> None:
-        s = stub(target)
-        mine = []
-        n = i
-        while time.monotonic() < stop_at:
-            n += clients
-            t0 = time.perf_counter()
-            try:
-                s.Search(pb.SearchRequest(query=QUERIES[n % len(QUERIES)], k=10), timeout=10)
-                mine.append(time.perf_counter() - t0)
-            except grpc.RpcError:
-                with lock:
-                    errors[0] += 1
-        with lock:
-            lat.extend(mine)
+    def call(n: int) -> None:
+        if not hasattr(local, "stub"):
+            local.stub = stub(target)
+        local.stub.Search(pb.SearchRequest(query=QUERIES[n], k=10), timeout=10)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    return {"clients": clients, "qps": len(lat) / wall, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-            "errors": errors[0]}
+    return benchutil.run_closed_loop(call, len(QUERIES), clients, seconds)
 
 
 def sweep(target: str, levels: list[int], seconds: float) -> dict:

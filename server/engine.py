@@ -5,6 +5,7 @@ kernel pass for the whole batch. `similar` answers SimilarItems. Nothing here kn
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -39,7 +40,12 @@ class SearchEngine:
         self.dense = DenseRetriever(bundle, encoder.device, config.exact_filter_max)
         self.lexical = LexicalRetriever(bundle)
         self.ranker = Ranker(bundle)
-        self.prefixes = PrefixIndex(bundle.lexical)
+
+    @functools.cached_property
+    def prefixes(self) -> PrefixIndex:
+        """The sorted vocabulary for prefix queries, made by the first one (not by every live catalog change,
+        which builds a new engine)."""
+        return PrefixIndex(self.bundle.lexical)
 
     def search_batch(self, queries: list[SearchQuery]) -> list[SearchOutcome]:
         """Answer a batch of validated queries (the batcher's batch function)."""

@@ -56,6 +56,7 @@ class Listing:
     after_offset: int = 0  # that item's position + 1
     qvec: np.ndarray | None = None  # float16 query vector from the token
     paged: bool = False
+    fingerprint: bytes = b""  # list_fingerprint of the request: what its page tokens are bound to
 
 
 @dataclass(frozen=True)

@@ -239,10 +239,10 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             raise InvalidArgument(f"offset must be between 0 and {MAX_LIST_DEPTH - 1} (the depth limit of a result "
                                   f"list), got {request.offset}", field="offset")
         listing = Listing(sort=request.sort, facets=facets, offset=request.offset if has_offset else 0,
-                          paged=request.paged or bool(request.page_token))
+                          paged=request.paged or bool(request.page_token),
+                          fingerprint=list_fingerprint(text, filters, request.sort, request.prefix))
         if request.page_token:
-            fingerprint = list_fingerprint(text, filters, request.sort, request.prefix)
-            offset, key, vec = self.holder.page_tokens.read(request.page_token, runtime.version, fingerprint,
+            offset, key, vec = self.holder.page_tokens.read(request.page_token, runtime.version, listing.fingerprint,
                                                             runtime.encoder.dims)
             listing = replace(listing, after=key, after_offset=offset, qvec=vec)
         return listing
@@ -293,8 +293,7 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             response.offset, response.total_results = page.offset, page.total
             if listing.paged and page.next_key is not None:
                 response.next_page_token = self.holder.page_tokens.issue(
-                    runtime.version, list_fingerprint(text, filters, request.sort, request.prefix),
-                    page.offset + len(page.rows), page.next_key, out.qvec)
+                    runtime.version, listing.fingerprint, page.offset + len(page.rows), page.next_key, out.qvec)
             for name in listing.facets:
                 values, more = page.facets[name]
                 facet = response.facets.add(field=name, more_values=more)

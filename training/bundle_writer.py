@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -237,23 +239,28 @@ def build_index(vectors: np.ndarray, flat_max_items: int = FLAT_MAX_ITEMS, targe
                    "recall_measured_on": measured_on}
 
 
-def write_bundle(items: pd.DataFrame, out_dir: str | Path, opts: BuildOptions) -> dict[str, Any]:
-    """Build a bundle for items into out_dir (which must not exist); returns the manifest."""
-    out_dir = Path(out_dir)
+@contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling of out_dir (which must not exist) to write a bundle into: renamed to out_dir when the block
+    completes (atomic on one filesystem: the bundle appears complete or not at all), removed when it fails."""
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: output directory already exists; choose a new path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifest = _write_into(items.reset_index(drop=True), tmp, opts)
-        os.rename(tmp, out_dir)  # atomic on one filesystem: the bundle appears complete or not at all
+        yield tmp
+        os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+
+
+def write_bundle(items: pd.DataFrame, out_dir: str | Path, opts: BuildOptions) -> dict[str, Any]:
+    """Build a bundle for items into out_dir (which must not exist); returns the manifest."""
+    with staged(Path(out_dir)) as tmp:
+        tmp.mkdir()
+        return _write_into(items.reset_index(drop=True), tmp, opts)
 
 
 def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str, Any]:
@@ -350,13 +357,9 @@ def _write_suggest(root: Path, items: pd.DataFrame, words: list[str], indptr: np
 def rebuild_suggest(bundle: str | Path, out_dir: str | Path, query_log: dict[str, float] | None) -> dict[str, Any]:
     """A copy of bundle with its suggestion table built from query_log and the bundle's own catalog and lexical
     index (a new version; the encoder, vectors and indexes are copied as they are)."""
-    bundle, out_dir = Path(bundle), Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir}: output directory already exists; choose a new path")
+    bundle = Path(bundle)
     manifest = bf.read_manifest(bundle)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(Path(out_dir)) as tmp:
         shutil.copytree(bundle, tmp)
         items = pd.read_parquet(tmp / manifest["items"]["file"])
         lex = np.load(tmp / manifest["lexical"]["file"], allow_pickle=False)
@@ -365,13 +368,7 @@ def rebuild_suggest(bundle: str | Path, out_dir: str | Path, query_log: dict[str
         manifest["suggest"] = _write_suggest(tmp, items, words, lex["bm25_indptr"], lex["bm25_indices"], query_log)
         manifest.setdefault("timings", {})["suggest_s"] = round(time.perf_counter() - t0, 3)
         manifest["suggest"]["rebuilt_from"] = manifest["bundle_version"]
-        (tmp / bf.MANIFEST).unlink()
-        manifest = seal(tmp, manifest)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        return seal(tmp, manifest)  # seal rewrites manifest.json last, with every file's new checksum
 
 
 def seal(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
