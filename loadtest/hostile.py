@@ -107,6 +107,8 @@ def search(pb, d: Draw):
             req.offset = d.int32()
         if d.flag():
             req.filters.below_price = d.number()
+    if d.flag():
+        req.ad_slots = d.int32()
     return "Search", req
 
 
@@ -145,18 +147,20 @@ def delete_rules(pb, d: Draw):
 def recommend(pb, d: Draw):
     req = pb.RecommendRequest(user_id=d.text(), recent_item_ids=_texts(d), filters=_filters(pb, d))
     _k(req, d)
+    _k(req, d, "ad_slots")
     return "Recommend", req
 
 
 def similar(pb, d: Draw):
     req = pb.SimilarItemsRequest(item_id=d.text(), filters=_filters(pb, d), explain=d.flag())
     _k(req, d)
+    _k(req, d, "ad_slots")
     return "SimilarItems", req
 
 
 def _event(pb, d: Draw):
     return pb.Event(event_id=d.text(), user_id=d.text(), item_id=d.text(), type=d.enum(), timestamp_ms=d.int64(),
-                    query=d.text(), position=d.int32())
+                    query=d.text(), position=d.int32(), auction_id=d.text() if d.flag() else "")
 
 
 def feedback(pb, d: Draw):
@@ -202,6 +206,35 @@ def classify(pb, d: Draw):
     return "Classify", req
 
 
+def _campaign(pb, d: Draw):
+    c = pb.Campaign(campaign_id=d.text(), advertiser=d.text(), item_ids=_texts(d), max_cpc=d.number(),
+                    daily_budget=d.number(), total_budget=d.number(), start_ms=d.int64(), end_ms=d.int64(),
+                    status=d.enum(), negative_keywords=_texts(d), categories=_texts(d),
+                    audience_min_interest=d.number(), frequency_cap=d.int32())
+    for t in _texts(d)[:1001]:
+        c.keywords.add(text=t, match=d.enum())
+    return c
+
+
+def put_campaigns(pb, d: Draw):
+    n = d.size()
+    one = _campaign(pb, d)
+    return "PutCampaigns", pb.PutCampaignsRequest(campaigns=[one] * n if n > 3 else [_campaign(pb, d) for _ in range(n)])
+
+
+def campaign_status(pb, d: Draw):
+    return "SetCampaignStatus", pb.SetCampaignStatusRequest(campaign_id=d.text(), status=d.enum())
+
+
+def list_campaigns(pb, d: Draw):
+    return "ListCampaigns", pb.ListCampaignsRequest(advertiser=d.text())
+
+
+def ads_report(pb, d: Draw):
+    return "AdsReport", pb.AdsReportRequest(campaign_ids=_texts(d), advertiser=d.text(), from_day=d.text(),
+                                            to_day=d.text())
+
+
 def info(pb, d: Draw):
     return "GetInfo", pb.GetInfoRequest()
 
@@ -209,7 +242,8 @@ def info(pb, d: Draw):
 BUILDERS: dict[str, Callable[[Any, Draw], tuple[str, Any]]] = {
     "Search": search, "Recommend": recommend, "SimilarItems": similar, "Feedback": feedback,
     "UpsertItems": upsert, "DeleteItems": delete, "ReloadBundle": reload, "GetInfo": info, "Classify": classify,
-    "Suggest": suggest, "PutRules": put_rules, "DeleteRules": delete_rules}
+    "Suggest": suggest, "PutRules": put_rules, "DeleteRules": delete_rules, "PutCampaigns": put_campaigns,
+    "SetCampaignStatus": campaign_status, "ListCampaigns": list_campaigns, "AdsReport": ads_report}
 
 # Codes a hostile request may get. Anything else (INTERNAL, UNKNOWN, UNAVAILABLE, a timeout) is a bug.
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

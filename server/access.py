@@ -7,8 +7,10 @@ that cannot crash a handler, and keyed pseudonyms for user ids.
   (`"token": "<plain>"` is accepted too; hashes are better on disk). A call carries
   `authorization: Bearer <token>`. No or unknown token -> UNAUTHENTICATED; a known caller without the
   RPC's role -> PERMISSION_DENIED. Roles: read (Search, Suggest, Recommend, SimilarItems, GetInfo, Classify, ListRules,
-  reflection), write (Feedback, UpsertItems, DeleteItems, PutRules, DeleteRules), reload (ReloadBundle). Health checks need no token, so
-  load balancers can probe.
+  reflection), write (Feedback, UpsertItems, DeleteItems, PutRules, DeleteRules), reload (ReloadBundle), ads
+  (PutCampaigns, SetCampaignStatus, ListCampaigns, AdsReport). A caller with `"advertiser": "NAME"` sees and
+  changes that advertiser's campaigns only; an ads caller without one is ad operations (every advertiser).
+  Health checks need no token, so load balancers can probe.
 - Decoding: a request that is not a valid protobuf message (for example strings that are not UTF-8)
   reaches the handler as `Undecodable` and is answered INVALID_ARGUMENT instead of gRPC's INTERNAL.
 - Pseudonyms: `Pseudonymiser(key)(user_id)` is an HMAC-SHA256 of the id, so the event store and logs
@@ -29,12 +31,13 @@ from google.protobuf.message import DecodeError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("read", "write", "reload")
+ROLES = ("read", "write", "reload", "ads")
 SERVICE_PREFIX = "/searchrec.v1.SearchRecommend/"
 # The role each RPC of the service needs; anything not listed (reflection) needs "read".
 RPC_ROLE = {"Search": "read", "Recommend": "read", "SimilarItems": "read", "GetInfo": "read", "Classify": "read", "Suggest": "read",
             "ListRules": "read", "Feedback": "write", "UpsertItems": "write", "DeleteItems": "write",
-            "PutRules": "write", "DeleteRules": "write", "ReloadBundle": "reload"}
+            "PutRules": "write", "DeleteRules": "write", "ReloadBundle": "reload",
+            "PutCampaigns": "ads", "SetCampaignStatus": "ads", "ListCampaigns": "ads", "AdsReport": "ads"}
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
@@ -66,6 +69,7 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> 
 class Caller:
     name: str
     roles: frozenset[str]
+    advertiser: str = ""  # an advertiser's token: its own campaigns and reports only
 
 
 def hash_token(token: str) -> str:
@@ -95,7 +99,10 @@ def load_tokens(path: Path) -> dict[str, Caller]:
             raise AccessConfigError(f"{where} ({c['name']}): unknown roles {bad}; roles are {list(ROLES)}")
         if digest.lower() in out:
             raise AccessConfigError(f"{where} ({c['name']}): the same token as {out[digest.lower()].name}")
-        out[digest.lower()] = Caller(c["name"], frozenset(roles))
+        advertiser = c.get("advertiser", "")
+        if not isinstance(advertiser, str):
+            raise AccessConfigError(f"{where} ({c['name']}): advertiser must be a string")
+        out[digest.lower()] = Caller(c["name"], frozenset(roles), advertiser)
     return out
 
 
@@ -144,6 +151,15 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: dict[str, Caller] | None, on_denied: Callable[[str, str], None] | None = None) -> None:
         self.tokens = tokens
         self.on_denied = on_denied
+
+    def caller(self, metadata) -> Caller | None:
+        """The caller a call's metadata names (None: tokens are not checked, or none was sent)."""
+        if self.tokens is None:
+            return None
+        auth = next((v for k, v in metadata or () if k == "authorization"), None)
+        if not isinstance(auth, str) or not auth.startswith("Bearer "):
+            return None
+        return self.tokens.get(hash_token(auth[7:].strip()))
 
     def _check(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
         if self.tokens is None or method.startswith(OPEN_PREFIXES):

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.encoding import resolve_device, resolve_dtype
 from server import IMPORTED_AT
+from server.ads.tokens import AuctionTokens
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
 from server.config import ServerConfig, compute_plan
 from server.metrics import Metrics
@@ -75,6 +76,8 @@ class SearchrecServer:
             self.holder.page_tokens = PageTokens(self.config.page_token_key.read_bytes())
         elif store is not None:  # every replica signs and checks page tokens with the same key
             self.holder.page_tokens = PageTokens(await store.secret("page_token"))
+        if store is not None and self.holder.ads is not None:  # every replica signs and checks auction ids alike
+            self.holder.ads.tokens = AuctionTokens(await store.secret("auction"))
         await self.holder.load_initial(bundle)  # BundleError: refuse to start (a replica that cannot load never joins)
         # Each compute thread encodes and searches with its share of the cores (two batches with every
         # core each oversubscribe them). Set after the first load: loading, tracing, training the
@@ -90,10 +93,11 @@ class SearchrecServer:
         on_denied = self.metrics.observe_denied if self.metrics is not None else None
         # maximum_concurrent_rpcs bounds the calls held in memory under overload: beyond it gRPC answers
         # RESOURCE_EXHAUSTED before a handler (or a request buffer) exists.
-        server = grpc.aio.server(options=opts, interceptors=[Gatekeeper(self.tokens, on_denied)],
+        gatekeeper = Gatekeeper(self.tokens, on_denied)
+        server = grpc.aio.server(options=opts, interceptors=[gatekeeper],
                                  maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
-        add_to_server(SearchRecommendService(self.holder, started, self.metrics, self.pseudonymise, self.replica),
-                      server)
+        add_to_server(SearchRecommendService(self.holder, started, self.metrics, self.pseudonymise, self.replica,
+                                             gatekeeper), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)

@@ -77,6 +77,14 @@ class ServerConfig:
     # HTTP/2 connections are closed (GOAWAY, then a grace period) after this age, so that clients behind L4
     # balancers reconnect and spread over new replicas. 0 = never.
     max_connection_age_s: float = 300.0
+    # Sponsored products (docs/ads.md).
+    ads_slots: int = 2  # sponsored slots per answer when campaigns target it (a request's ad_slots overrides; 0 = off)
+    ads_reserve_cpc: float = 0.05  # the least a click costs; bids below it never serve
+    ads_floor_rank: int = 10  # an ad must score at least what the organic item at this rank scores
+    ads_auction: str = "gsp"  # gsp | first_price | relevance (the last two for comparisons)
+    ads_pacing: bool = True  # throttle campaigns whose spend runs ahead of the day
+    ads_pacing_lookahead: float = 1 / 24  # share of the daily budget a campaign may spend ahead of the clock
+    ads_day_s: float = 86400.0  # length of a budget day (shorter only for simulations)
     workers: int = 1  # replica processes on this machine (`--workers N`: N processes on ports port..port+N-1)
     # UpsertItems writes the classifier's category into an item that has none when its probability reaches the
     # threshold (marked predicted; a merchant's category is never changed). Needs a bundle with a classifier.
@@ -125,6 +133,18 @@ class ServerConfig:
             problems.append("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if not 0 <= self.ads_slots <= 5:
+            problems.append(f"ads_slots must be in 0..5, got {self.ads_slots}")
+        if not (self.ads_reserve_cpc >= 0.01 and self.ads_reserve_cpc < 1e6):
+            problems.append(f"ads_reserve_cpc must be at least 0.01 (a cent), got {self.ads_reserve_cpc}")
+        if self.ads_floor_rank < 1:
+            problems.append("ads_floor_rank must be >= 1")
+        if self.ads_auction not in ("gsp", "first_price", "relevance"):
+            problems.append(f"ads_auction must be gsp, first_price or relevance, got {self.ads_auction!r}")
+        if not 0 <= self.ads_pacing_lookahead <= 1:
+            problems.append("ads_pacing_lookahead must be in 0..1 (a share of the day)")
+        if not self.ads_day_s >= 1:
+            problems.append("ads_day_s must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -231,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connection-age-s", type=float,
                    default=float(_env("max_connection_age_s", d.max_connection_age_s)),
                    help="close client connections after this age so that they rebalance (0 = never)")
+    p.add_argument("--ads-slots", type=int, default=int(_env("ads_slots", d.ads_slots)),
+                   help="sponsored slots per Search/Recommend/SimilarItems answer (0 = no ads; a request's ad_slots wins)")
+    p.add_argument("--ads-reserve-cpc", type=float, default=float(_env("ads_reserve_cpc", d.ads_reserve_cpc)),
+                   help="reserve price: the least a click costs")
+    p.add_argument("--ads-floor-rank", type=int, default=int(_env("ads_floor_rank", d.ads_floor_rank)),
+                   help="an ad must be as relevant as the organic result at this rank")
+    p.add_argument("--ads-auction", choices=("gsp", "first_price", "relevance"), default=_env("ads_auction", d.ads_auction))
+    p.add_argument("--no-ads-pacing", dest="ads_pacing", action="store_false",
+                   default=_env("ads_pacing", "1").lower() not in ("0", "false", "no", "off"),
+                   help="let campaigns spend their daily budget as fast as traffic allows")
+    p.add_argument("--ads-pacing-lookahead", type=float,
+                   default=float(_env("ads_pacing_lookahead", d.ads_pacing_lookahead)),
+                   help="share of the day a campaign may spend ahead of an even pace (default one hour)")
+    p.add_argument("--ads-day-s", type=float, default=float(_env("ads_day_s", d.ads_day_s)),
+                   help="seconds in a budget day (86400; shorter for simulations: days are then named day-N)")
     p.add_argument("--workers", type=int, default=int(_env("workers", d.workers)),
                    help="replica processes on this machine, on ports PORT..PORT+N-1 (needs --state redis://)")
     p.add_argument("--no-autofill-categories", dest="autofill_categories", action="store_false",

@@ -21,13 +21,14 @@ from server.listing import LIST_CANDIDATES, RELEVANCE, ListPage, facet_counts, p
 from server.ranking import Ranker
 from server.retrieval import DenseRetriever, LexicalRetriever, PrefixIndex, filter_mask, split_partial
 from server.rules import Fired, boost_mask
-from server.types import NO_FILTERS, Contribution, Filters, Hit, SearchOutcome, SearchQuery
+from server.types import NO_FILTERS, AdScores, Contribution, Filters, Hit, SearchOutcome, SearchQuery
 
 log = logging.getLogger(__name__)
 # SimilarItems: how much co-occurrence (bought/viewed together) adds to the vector-similarity score.
 # Small on purpose: similar items stay substitutes first, with complements ordered among them.
 SIMILAR_CO_WEIGHT = 0.2
 DENSE_FEATURE, COVERAGE_FEATURE = FEATURE_NAMES.index("dense"), FEATURE_NAMES.index("coverage")
+ADS_CANDIDATES = 48  # promoted items per query scored by the ranker (the nearest to the query vector)
 
 
 class SearchEngine:
@@ -93,13 +94,14 @@ class SearchEngine:
             lex_scores.append(bm25[i][rows])
         t2 = time.perf_counter()
         feats, scores, offsets, cand_rows = self.ranker.features(list(rank_tokens), candidates, dense_scores, lex_scores)
+        ads = self._score_ads(queries, qvecs, masks, hidden, bm25, rank_tokens, feats, scores, offsets)
         boosted = self._boost(queries, scores, offsets, cand_rows, fired)
         ks = [len(candidates[i]) if q.listing is not None else q.k for i, q in enumerate(queries)]
         out_offsets, positions = K.topk_segments(scores, offsets, np.asarray(ks, dtype=np.int64))
         outcomes = []
         for i, q in enumerate(queries):
             picks = positions[out_offsets[i]:out_offsets[i + 1]]
-            out = SearchOutcome([], corrected_query=fixed[i] or "", fired=fired[i])
+            out = SearchOutcome([], corrected_query=fixed[i] or "", fired=fired[i], ads=ads[i])
             why = self._explainer(q, feats, boosted)
             if q.listing is None:
                 out.hits = [Hit(int(cand_rows[p]), float(scores[p]), why(int(p), float(scores[p]), None))
@@ -121,6 +123,47 @@ class SearchEngine:
         for out in outcomes:
             out.encode_s, out.retrieve_s, out.rank_s = t1 - t0, t2 - t1, t3 - t2
         return outcomes
+
+    def _score_ads(self, queries: list[SearchQuery], qvecs: np.ndarray, masks: list, hidden: list[dict[int, str]],
+                   bm25: list[np.ndarray], rank_tokens, feats: np.ndarray, scores: np.ndarray,
+                   offsets: np.ndarray) -> list[AdScores | None]:
+        """Score each query's promoted items with the organic ranker (one kernel pass for the batch) and say which
+        are relevant enough to be shown: in the query's relevant set (every word in the title, or a cosine near the
+        best candidate's: server.listing.relevant) and scoring at least what the organic item at rank
+        `config.ads_floor_rank` scores. Computed before merchandising boosts: an ad is judged on relevance alone."""
+        out: list[AdScores | None] = [None] * len(queries)
+        want = [i for i, q in enumerate(queries) if q.ad_rows is not None and len(q.ad_rows)]
+        if not want:
+            return out
+        vectors = self.bundle.vectors
+        segs, dense, lex, toks = [], [], [], []
+        for i in want:
+            rows = np.asarray(queries[i].ad_rows, np.int64)
+            if masks[i] is not None:  # an ad obeys the request's filters and live deletions
+                rows = rows[masks[i][rows]]
+            if hidden[i]:
+                rows = rows[~np.isin(rows, np.fromiter(hidden[i], np.int64))]
+            d = vectors[rows].astype(np.float32) @ qvecs[i]
+            if len(rows) > ADS_CANDIDATES:
+                keep = np.argpartition(-d, ADS_CANDIDATES)[:ADS_CANDIDATES]
+                rows, d = rows[keep], d[keep]
+            segs.append(rows)
+            dense.append(d)
+            lex.append(bm25[i][rows])
+            toks.append(rank_tokens[i])
+        a_feats, a_scores, a_off, _ = self.ranker.features(toks, segs, dense, lex)
+        floor_rank = max(int(getattr(self.config, "ads_floor_rank", 10)), 1)
+        for j, i in enumerate(want):
+            s, e = int(offsets[i]), int(offsets[i + 1])
+            organic = np.sort(scores[s:e])[::-1]
+            best = float(feats[s:e, DENSE_FEATURE].max()) if e > s else 1.0
+            a, b = int(a_off[j]), int(a_off[j + 1])
+            sc = a_scores[a:b].astype(np.float64)
+            floor = float(organic[min(floor_rank, len(organic)) - 1]) if len(organic) else -np.inf
+            passes = relevant(a_feats[a:b, DENSE_FEATURE], a_feats[a:b, COVERAGE_FEATURE], best) & (sc >= floor)
+            rank = 1 + np.searchsorted(-organic, -sc, side="left")
+            out[i] = AdScores(segs[j], sc, passes, rank)
+        return out
 
     def _best_dense(self, q: np.ndarray, filtered: bool, candidates_dense: np.ndarray) -> float:
         """The best cosine of any live item to q (unfiltered candidates hold it; a filtered query looks it up)."""

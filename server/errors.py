@@ -40,3 +40,7 @@ class Unavailable(SearchrecError):
 
 class Unimplemented(SearchrecError):
     """The RPC exists in the contract but is not built yet."""
+
+
+class PermissionDenied(SearchrecError):
+    """The caller is known but may not touch this object (e.g. another advertiser's campaign)."""

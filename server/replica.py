@@ -102,6 +102,8 @@ class Replica:
         loop = asyncio.get_running_loop()
         if kind == "rules":  # read at request time: nothing to rebuild
             live.apply_rules(payload)
+        elif kind == "campaigns":
+            live.apply_campaigns(payload)
         elif kind == "upsert":
             live.apply_upserts(payload)
             if vectors is None:
@@ -119,7 +121,7 @@ class Replica:
         """Record a catalog change and apply it here (in store order); returns its token. Hold catalog_lock."""
         token = await self.store.append_catalog(kind, payload)
         runtime = self.holder.current
-        if not self.shared and kind == "rules":  # the local store applied them with the record
+        if not self.shared and kind in ("rules", "campaigns"):  # the local store applied them with the record
             self.applied = token
             return token
         if not self.shared:
@@ -197,7 +199,7 @@ class Replica:
             if fields.get("origin") == self.store.origin:
                 continue  # applied when this replica recorded it
             events = [Event(**e) for e in json.loads(fields["events"])]
-            live.apply_events(events)
+            live.apply_events(events, set(json.loads(fields.get("charged") or "[]")))
             if rt is not None and rt.rec is not None:
                 ids = rt.bundle.items.id_to_row
                 for ev in events:

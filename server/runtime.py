@@ -27,6 +27,8 @@ import torch
 from common.cpu import cpu_kind
 from common.encoding import TextEncoder
 from common.suggest import phrase_rows, top_category
+from server.ads.serving import AdServer
+from server.ads.tokens import AuctionTokens
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
 from server.classify import ServedClassifier
 from server.bundle import Bundle, BundleError, load_bundle
@@ -339,10 +341,12 @@ class RuntimeHolder:
         self.live = None
         if config.state_dir or config.state:
             self.live = LiveState(None if config.state else config.state_dir, config.max_user_events,
-                                  fsync=config.fsync, max_users=config.max_live_users)
+                                  fsync=config.fsync, max_users=config.max_live_users, ads_day_s=config.ads_day_s)
         self.store = make_store(config, self.live)
         self._rules, self._rules_version = RuleSet(), 0
         self.page_tokens = PageTokens(os.urandom(32))  # replaced at start by the store's key (server.app)
+        # Sponsored products need a store (billing is durable); the auction-id key is the store's (server.app).
+        self.ads = AdServer(self.live, config, AuctionTokens(os.urandom(32))) if self.live is not None else None
         self.catalog_lock = asyncio.Lock()  # catalog changes and reloads never interleave
         self._current: Runtime | None = None
         # The bundle path as given (not resolved): re-reading it after a deploy tool re-points a

@@ -27,8 +27,9 @@ from common.suggest import phrase_key
 from common.text import has_control_chars
 from server.config import DEFAULT_K, MAX_K, MAX_QUERY_CHARS
 from server.errors import (DeadlineExpired, FailedPrecondition, InvalidArgument, NotFound, Overloaded,
-                           SearchrecError, Unavailable, Unimplemented)  # noqa: F401
+                           PermissionDenied, SearchrecError, Unavailable, Unimplemented)  # noqa: F401
 from server.access import Undecodable
+from server.fields import id_list as _id_list, text_field as _text_field
 from server.live import passage
 from common.seqrec import HISTORY_CAP
 from server.recommend import RecQuery
@@ -36,6 +37,7 @@ from server.listing import FACETS, MAX_LIST_DEPTH, MAX_PAGE_SIZE, SORT_NAMES, Li
 from server.retrieval import filter_mask
 from server.rules import BOOST_FIELDS, MAX_RULES
 from server.runtime import RuntimeHolder
+from server.service_ads import AdsRpcs, ad_event
 from server.state import ADD_TO_CART, CLICK, EVENT_WEIGHT, PURCHASE, VIEW, Event
 from server.stubs import pb, pb_grpc
 from server.types import Filters, Hit, SearchQuery
@@ -71,6 +73,7 @@ _STATUS = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -116,17 +119,6 @@ def _rpc(handler):
 
 
 # --- validation: protobuf fields -> domain values -------------------------------------------
-
-def _text_field(value: str, field: str, limit: int, *, required: bool) -> str:
-    text = value.strip()
-    if required and not text:
-        raise InvalidArgument(f"{field} must not be empty or whitespace", field=field)
-    if len(value) > limit:
-        raise InvalidArgument(f"{field} is {len(value)} characters; the limit is {limit}", field=field)
-    if has_control_chars(value):
-        raise InvalidArgument(f"{field} must not contain control characters", field=field)
-    return text
-
 
 def _k(msg, field: str = "k") -> int:
     if not msg.HasField(field):
@@ -174,12 +166,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class SearchRecommendService(pb_grpc.SearchRecommendServicer):
+class SearchRecommendService(AdsRpcs, pb_grpc.SearchRecommendServicer):
     """searchrec.v1.SearchRecommend over a RuntimeHolder."""
 
     def __init__(self, holder: RuntimeHolder, started_at: float, metrics=None,
-                 pseudonymise: Callable[[str], str] | None = None, replica=None) -> None:
+                 pseudonymise: Callable[[str], str] | None = None, replica=None, gatekeeper=None) -> None:
         self.holder = holder
+        self.gatekeeper = gatekeeper  # server.access.Gatekeeper: who calls (advertiser-scoped ad RPCs)
         self.replica = replica  # server.replica.Replica: the store this server records in (None = no writes)
         self.started_at = started_at
         self.metrics = metrics
@@ -256,15 +249,23 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         await self._consistent(request, context)
         runtime = self.holder.current  # this request finishes on this bundle, whatever swaps meanwhile
         listing = self._listing(request, runtime, text, filters)
+        user_id = _text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False)
+        k, slots = _k(request), self._ad_slots(request)
+        user_key = self.pseudonymise(user_id) if user_id else ""
+        cands = None
+        if slots:
+            cands = await self._ad_candidates(runtime.bundle, self.holder.ads.campaigns.matching(text), user_key)
         query = SearchQuery(
             text=text,
-            k=_k(request),
+            # Ad items leave the organic answer, so a plain Search with ads asks for enough to fill it anyway.
+            k=k + slots if cands is not None and listing is None else k,
             filters=filters,
             explain=request.explain,
-            user_id=_text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False),
+            user_id=user_id,
             prefix=request.prefix,
             listing=listing,
             rules=self.holder.rules.match(text) or None,
+            ad_rows=cands.rows if cands is not None else None,
         )
         deadline = _deadline(context)
         if request.classify_query:
@@ -276,9 +277,22 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         else:
             result, predicted = await runtime.batcher.submit(query, deadline), None
         out = result.value
+        hits, sold = out.hits, []
+        if cands is not None and out.ads is not None:
+            a = out.ads
+            shown = [h.row for h in hits]
+            # List mode: the page stays as it is (pages must add up to the list); the ad is not one of its items.
+            exclude = set(shown) if listing is not None else set()
+            sold = await self._sell(runtime.bundle, cands, a.rows, a.scores, a.passes, a.organic_rank, slots, shown,
+                                    exclude, user_key)
+            taken = {s.row for s in sold}
+            hits = [h for h in hits if h.row not in taken] if listing is None else hits
+        if listing is None:
+            hits = hits[:k]
         response = pb.SearchResponse(
             predicted_category=predicted,
-            items=[self._scored(runtime.bundle, h) for h in out.hits],
+            items=[self._scored(runtime.bundle, h) for h in hits],
+            sponsored=self._sponsored_pb(runtime.bundle, sold),
             bundle_version=runtime.version,
             timings=pb.Timings(queue_ms=1000 * result.queue_s, encode_ms=1000 * out.encode_s,
                                retrieve_ms=1000 * out.retrieve_s, rank_ms=1000 * out.rank_s,
@@ -309,9 +323,10 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
     async def SimilarItems(self, request, context):
         item_id = _text_field(request.item_id, "item_id", MAX_ID_CHARS, required=True)
         k, filters = _k(request), to_filters(request.filters)
+        slots = self._ad_slots(request)
         await self._consistent(request, context)
         runtime = self.holder.current
-        runtime.engine.row_of(item_id)  # NOT_FOUND before any work is queued
+        source = runtime.engine.row_of(item_id)  # NOT_FOUND before any work is queued
         deadline = _deadline(context)
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExpired("the deadline passed before the request could run")
@@ -319,11 +334,19 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             # Checked again when a compute thread gets to it: it may have waited behind batches.
             if deadline is not None and deadline <= time.monotonic():
                 raise DeadlineExpired("the deadline passed while the request waited for a compute thread")
-            return runtime.similar(item_id, k, filters, request.explain)
+            return runtime.similar(item_id, k + slots, filters, request.explain)
 
         hits = await asyncio.get_running_loop().run_in_executor(self.holder.compute, similar)
-        return pb.SimilarItemsResponse(items=[self._scored(runtime.bundle, h) for h in hits],
-                                       bundle_version=runtime.version)
+        sold = []
+        if slots:
+            bundle = runtime.bundle
+            anchor = bundle.vectors[source].astype(np.float32)
+            hits, sold = await self._sponsored_by_vector(runtime, anchor, hits, k, slots,
+                                                         self.holder.ads.campaigns.untargeted(), "", {source},
+                                                         mask=self._ad_mask(bundle, filters))
+        return pb.SimilarItemsResponse(items=[self._scored(runtime.bundle, h) for h in hits[:k]],
+                                       bundle_version=runtime.version,
+                                       sponsored=self._sponsored_pb(runtime.bundle, sold))
 
     @_rpc
     async def GetInfo(self, request, context):
@@ -578,6 +601,19 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         rules = sorted((live.rules if live is not None else {}).values(), key=lambda r: r["rule_id"])
         return pb.ListRulesResponse(rules=[_rule_pb(r) for r in rules])
 
+    # --- sponsored products (handlers in server.service_ads) -------------------------------------
+    PutCampaigns = _rpc(AdsRpcs.PutCampaigns)
+    SetCampaignStatus = _rpc(AdsRpcs.SetCampaignStatus)
+    ListCampaigns = _rpc(AdsRpcs.ListCampaigns)
+    AdsReport = _rpc(AdsRpcs.AdsReport)
+
+    @staticmethod
+    def _ad_mask(bundle, filters: Filters) -> np.ndarray | None:
+        mask = filter_mask(bundle.items, filters)
+        if bundle.alive is not None:
+            mask = bundle.alive if mask is None else mask & bundle.alive
+        return mask
+
     # --- Recommend ---------------------------------------------------------------------------
     def _rec_query(self, runtime, user_id: str, recent: tuple[str, ...], k: int, filters: Filters,
                    live_events: list[tuple[str, int]]) -> RecQuery:
@@ -632,10 +668,22 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
         store = self.holder.store
         # The user's live events come from the store: a Feedback acknowledged by any replica counts here.
         live_events = (await store.user_events(self.pseudonymise(user_id))) if user_id and store is not None else []
-        query = self._rec_query(runtime, user_id, recent, k, filters, live_events)
+        slots = self._ad_slots(request)
+        query = self._rec_query(runtime, user_id, recent, k + slots, filters, live_events)
         result = await runtime.rec_batcher.submit(query, _deadline(context))
-        return pb.RecommendResponse(items=[self._scored(runtime.bundle, h) for h in result.value],
-                                    bundle_version=runtime.version, history_events=len(query.history))
+        hits, sold = result.value, []
+        if slots:
+            from server.ads.serving import user_interest
+
+            bundle = runtime.bundle
+            history = list(query.history)
+            hits, sold = await self._sponsored_by_vector(
+                runtime, user_interest(bundle, history[-20:]), hits, k, slots, self.holder.ads.campaigns.untargeted(),
+                self.pseudonymise(user_id) if user_id else "", set(query.exclude), history,
+                mask=self._ad_mask(bundle, filters))
+        return pb.RecommendResponse(items=[self._scored(runtime.bundle, h) for h in hits[:k]],
+                                    bundle_version=runtime.version, history_events=len(query.history),
+                                    sponsored=self._sponsored_pb(runtime.bundle, sold))
 
     # --- writes ------------------------------------------------------------------------------
     def _live(self):
@@ -679,8 +727,9 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             if item_id not in runtime.bundle.items.id_to_row:
                 raise NotFound(f"{f}.item_id {item_id!r} is not in the catalog; nothing of this request was applied",
                                field=f"{f}.item_id")
+            ad = ad_event(self.holder.ads, e.auction_id, item_id, f) if e.auction_id else None
             events.append(Event(event_id, self.pseudonymise(user_id), item_id, int(e.type), int(ts), query,
-                                int(e.position)))
+                                int(e.position), e.auction_id, ad))
         # Durable in the store (idempotent by event_id, within the request and across requests and replicas)
         # before it is acknowledged; UNAVAILABLE, with nothing recorded, when the store cannot take it.
         fresh = await self.holder.store.record_events(events)
@@ -691,7 +740,11 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
                 row = ids.get(ev.item_id)
                 if row is not None and row < len(rec.live_popularity):
                     rec.live_popularity[row] += EVENT_WEIGHT[ev.type]
-        return pb.FeedbackResponse(accepted=len(fresh), duplicates=len(events) - len(fresh))
+        charged = 0
+        if self.holder.ads is not None:
+            done = self.holder.live.ads.charged
+            charged = sum(1 for ev in fresh if ev.ad is not None and ev.type == CLICK and done.get(ev.auction_id) == ev.event_id)
+        return pb.FeedbackResponse(accepted=len(fresh), duplicates=len(events) - len(fresh), charged=charged)
 
     @_rpc
     async def UpsertItems(self, request, context):
@@ -732,12 +785,6 @@ class SearchRecommendService(pb_grpc.SearchRecommendServicer):
             unique = list(dict.fromkeys(ids))
             token = await self.replica.write_catalog("delete", unique, None)
         return pb.DeleteItemsResponse(deleted=len(unique), sequence_token=token)
-
-
-def _id_list(values, field: str, limit: int) -> tuple[str, ...]:
-    if len(values) > limit:
-        raise InvalidArgument(f"{field} has {len(values)} ids; the limit is {limit}", field=field)
-    return tuple(_text_field(v, f"{field}[{i}]", MAX_ID_CHARS, required=True) for i, v in enumerate(values))
 
 
 def _item(it, f: str) -> dict:

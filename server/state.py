@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.eventlog import EventLog, LogScan
+from server.ads.ledger import DayClock, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,19 @@ class Event:
     timestamp_ms: int
     query: str = ""
     position: int = 0
+    auction_id: str = ""  # an event about an ad (its signed auction id, server.ads.tokens) ...
+    ad: tuple | None = None  # ... and what the id says: (campaign id, price, budget day, slot)
+
+    def __post_init__(self) -> None:
+        if self.ad is not None and not isinstance(self.ad, tuple):  # a list when read back from the log
+            object.__setattr__(self, "ad", tuple(self.ad))
 
     def record(self) -> dict[str, Any]:
-        return {"event_id": self.event_id, "user_id": self.user_id, "item_id": self.item_id, "type": self.type,
-                "timestamp_ms": self.timestamp_ms, "query": self.query, "position": self.position}
+        out = {"event_id": self.event_id, "user_id": self.user_id, "item_id": self.item_id, "type": self.type,
+               "timestamp_ms": self.timestamp_ms, "query": self.query, "position": self.position}
+        if self.auction_id:
+            out.update(auction_id=self.auction_id, ad=list(self.ad) if self.ad is not None else None)
+        return out
 
 
 @dataclass
@@ -55,7 +65,7 @@ class LiveState:
     """Users' recent events, live counters, seen event ids and catalog changes (+ their log)."""
 
     def __init__(self, state_dir: Path | None, max_events: int = 50, max_event_ids: int = 1_000_000,
-                 fsync: bool = True, max_users: int = 1_000_000) -> None:
+                 fsync: bool = True, max_users: int = 1_000_000, ads_day_s: float = 86400.0) -> None:
         self.max_events = max_events
         self.max_users = max_users
         # user -> (item_id, type), oldest first; least recently active user first, so memory stays
@@ -71,6 +81,9 @@ class LiveState:
         self.query_listeners: list = []  # callables (query, weight): the served suggesters
         self.rules: dict[str, dict[str, Any]] = {}  # rule_id -> merchandising rule (server.rules)
         self.rules_version = 0  # bumped by every rule change: the compiled RuleSet is rebuilt from it
+        self.campaigns: dict[str, dict[str, Any]] = {}  # campaign_id -> sponsored-products campaign (server.ads)
+        self.campaigns_version = 0
+        self.ads = Ledger(self.campaigns.get, DayClock(ads_day_s))  # spend, clicks, impressions per campaign and day
         self.log: EventLog | None = None
         self.replay_report = ReplayReport()
         if state_dir is not None:
@@ -96,6 +109,8 @@ class LiveState:
                 rep.deletes += len(record["item_ids"])
             elif kind == "rules":
                 self.apply_rules(record["rules"])
+            elif kind == "campaigns":
+                self.apply_campaigns(record["campaigns"])
         rep.torn_bytes, rep.problem = scan.torn_bytes, scan.problem
         rep.seconds = time.perf_counter() - started
         if scan.torn_bytes:
@@ -127,14 +142,22 @@ class LiveState:
             self.log.append({"kind": "rules", "rules": records})
         self.apply_rules(records)
 
+    def record_campaigns(self, records: list[dict[str, Any]]) -> None:
+        if self.log is not None:
+            self.log.append({"kind": "campaigns", "campaigns": records})
+        self.apply_campaigns(records)
+
     def record_deletes(self, item_ids: list[str]) -> None:
         if self.log is not None:
             self.log.append({"kind": "delete", "item_ids": item_ids})
         self.apply_deletes(item_ids)
 
     # --- in-memory application (also used by replay) ----------------------------------------
-    def apply_events(self, events: list[Event]) -> None:
+    def apply_events(self, events: list[Event], charged: set[str] | None = None) -> None:
+        """charged: the event ids of ad clicks the shared store charged (None: the ledger decides, in order)."""
         for e in events:
+            if e.ad is not None or e.position > 0:
+                self.ads.apply(e, None if charged is None else e.event_id in charged)
             self.event_ids[e.event_id] = None
             if len(self.event_ids) > self.max_event_ids:
                 self.event_ids.popitem(last=False)
@@ -165,6 +188,11 @@ class LiveState:
             else:
                 self.rules[r["rule_id"]] = r
         self.rules_version += 1
+
+    def apply_campaigns(self, records: list[dict[str, Any]]) -> None:
+        for c in records:
+            self.campaigns[c["campaign_id"]] = c
+        self.campaigns_version += 1
 
     def apply_deletes(self, item_ids: list[str]) -> None:
         for i in item_ids:

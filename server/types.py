@@ -43,6 +43,7 @@ class SearchQuery:
     prefix: bool = False  # search as you type: the last word may be unfinished
     listing: "Listing | None" = None  # list mode (server.listing)
     rules: "Matched | None" = None  # merchandising rules that match the query (server.rules)
+    ad_rows: "np.ndarray | None" = None  # promoted items of the campaigns targeting it: scored beside the organic ones
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,14 @@ class SearchOutcome:
     page: "ListPage | None" = None  # list mode: the page, its position, the set's size and facets
     qvec: "np.ndarray | None" = None  # list mode: the float16 query vector every page of the list uses
     fired: list = field(default_factory=list)  # server.rules.Fired: the rules that changed this answer
+    ads: "AdScores | None" = None  # the promoted items scored by the organic ranker (when ad_rows was given)
+
+
+@dataclass
+class AdScores:
+    """Promoted items as the organic ranker sees them for one query."""
+
+    rows: "np.ndarray"        # candidate ad rows (at most ADS_CANDIDATES, the nearest to the query)
+    scores: "np.ndarray"      # the organic ranker's score of each
+    passes: "np.ndarray"      # bool: relevant enough to be shown (the floor: see server.engine)
+    organic_rank: "np.ndarray"  # where the organic ranking would have placed each (1 = first)

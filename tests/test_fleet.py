@@ -400,3 +400,55 @@ def test_store_password_comes_from_a_file_or_env_and_is_never_printed(tmp_path, 
         from_args(["--bundle", "b", "--state", "redis://x", "--state-password-file", str(tmp_path / "missing")])
     with pytest.raises(SystemExit):
         from_args(["--bundle", "b", "--state", "http://x"])  # not a Redis URL
+
+
+def test_ad_budgets_caps_and_charges_are_shared_by_the_fleet(sample_bundle, redis_server, prefix, pb):
+    """Two replicas sell one campaign's clicks: charged once per auction whichever replica hears the click,
+    the budget stops the whole fleet (at most one click's price over), frequency caps count on both."""
+    a = start_replica(sample_bundle, redis_server, prefix, "a", ads_pacing=False)
+    b = start_replica(sample_bundle, redis_server, prefix, "b", ads_pacing=False)
+    try:
+        sa, sb = stub_for(a.target), stub_for(b.target)
+        base = [it.item_id for it in sa.Search(pb.SearchRequest(query="cordless drill", k=10, ad_slots=0)).items]
+        token = sa.PutCampaigns(pb.PutCampaignsRequest(campaigns=[pb.Campaign(
+            campaign_id="fleet", advertiser="acme", item_ids=base[1:4], max_cpc=0.5, daily_budget=1.0)])).sequence_token
+        capped = sb.PutCampaigns(pb.PutCampaignsRequest(campaigns=[pb.Campaign(
+            campaign_id="cap", advertiser="bolt", item_ids=base[4:7], max_cpc=0.06, daily_budget=100,
+            frequency_cap=1)])).sequence_token
+        spent, charged, prices = 0.0, 0, []
+        for n in range(40):
+            server_stub, other = (sa, sb) if n % 2 == 0 else (sb, sa)
+            resp = server_stub.Search(pb.SearchRequest(query="cordless drill", user_id=f"u{n}",
+                                                       min_sequence_token=capped))
+            ads = [s for s in resp.sponsored if s.campaign_id == "fleet"]
+            if not ads:
+                break
+            ad = ads[0]
+            click = pb.Event(event_id=f"click-{n}", user_id=f"u{n}", item_id=ad.item.item_id, type=pb.Event.CLICK,
+                             auction_id=ad.auction_id)
+            r = other.Feedback(pb.FeedbackRequest(events=[click]))  # the click lands on the other replica
+            again = server_stub.Feedback(pb.FeedbackRequest(events=[pb.Event(
+                event_id=f"click-{n}-again", user_id=f"u{n}", item_id=ad.item.item_id, type=pb.Event.CLICK,
+                auction_id=ad.auction_id)]))
+            assert again.charged == 0  # a second click on the same auction, on the first replica: not charged
+            charged += r.charged
+            spent += ad.cpc * r.charged
+            prices.append(ad.cpc)
+            wait_until(lambda: abs(stub_spent(sb, pb) - spent) < 1e-6 and abs(stub_spent(sa, pb) - spent) < 1e-6, 10,
+                       "both replicas see the spend")
+        assert prices and 1.0 <= spent < 1.0 + max(prices)
+        for s in (sa, sb):
+            report = s.AdsReport(pb.AdsReportRequest(campaign_ids=["fleet"])).rows
+            assert report[0].spend == pytest.approx(spent) and report[0].clicks == charged
+        # The frequency cap of 1 holds across replicas for one user.
+        user_ads = [len([x for x in s.Search(pb.SearchRequest(query="cordless drill", user_id="capped-user",
+                                                               min_sequence_token=token)).sponsored
+                         if x.campaign_id == "cap"]) for s in (sa, sb, sa)]
+        assert sum(user_ads) <= 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def stub_spent(stub, pb) -> float:
+    return {c.campaign_id: c.state.spent_today for c in stub.ListCampaigns(pb.ListCampaignsRequest()).campaigns}["fleet"]

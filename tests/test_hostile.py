@@ -63,7 +63,8 @@ def hstub(hostile_server):
 
 EXAMPLES = {"Search": 80, "Recommend": 60, "SimilarItems": 60, "Feedback": 60, "UpsertItems": 30,
             "DeleteItems": 40, "ReloadBundle": 15, "GetInfo": 3,
-            "Classify": 10, "Suggest": 40, "PutRules": 40, "DeleteRules": 20}  # this bundle has no classifier; test_classify_serving runs Classify on one that has
+            "Classify": 10, "Suggest": 40, "PutRules": 40, "DeleteRules": 20, "PutCampaigns": 60,
+            "SetCampaignStatus": 20, "ListCampaigns": 10, "AdsReport": 30}  # this bundle has no classifier; test_classify_serving runs Classify on one that has
 
 
 @pytest.mark.parametrize("rpc", list(hostile.BUILDERS))

@@ -68,7 +68,7 @@ class StateStore:
 
     async def append_catalog(self, kind: str, payload: list[Any]) -> str:
         """Durably record a catalog change ("upsert": item dicts, "delete": item ids, "rules": merchandising rule
-        records); returns its token."""
+        records, "campaigns": ad campaign records); returns its token."""
         raise NotImplementedError
 
     async def last_token(self) -> str:
@@ -81,6 +81,20 @@ class StateStore:
         if name not in self._secrets:
             self._secrets[name] = os.urandom(32)
         return self._secrets[name]
+
+    # --- sponsored products: counters the fleet shares (server.ads.ledger) ----------------------------
+    async def ads_serve(self, user: str, day: int, wins: list[tuple[str, int]]) -> list[bool]:
+        """Count ads served to a user (campaign id, frequency cap); False where serving it would pass its cap.
+        This base keeps the counts in this process (the local store's fleet is this process)."""
+        return self.live.ads.serve(user, wins, day)
+
+    async def ads_caps(self, user: str, day: int) -> dict[str, int]:
+        """campaign id -> ads of it served to the user on that day."""
+        return dict(self.live.ads.user_caps.get((user, day), {}))
+
+    async def ads_report(self, campaign_ids: list[str], first: int, last: int) -> dict[str, dict[int, list[float]]]:
+        """campaign id -> day -> [served, impressions, clicks, spend, unbilled clicks]."""
+        return self.live.ads.report(campaign_ids, first, last)
 
     def info(self) -> dict[str, Any]:
         """Figures for GetInfo and metrics."""

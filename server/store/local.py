@@ -44,7 +44,7 @@ class LocalStore(StateStore):
 
     async def append_catalog(self, kind: str, payload: list[Any]) -> str:
         record = {"upsert": self.live.record_upserts, "delete": self.live.record_deletes,
-                  "rules": self.live.record_rules}[kind]
+                  "rules": self.live.record_rules, "campaigns": self.live.record_campaigns}[kind]
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(None, record, payload)
             self.seq += 1

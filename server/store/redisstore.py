@@ -11,6 +11,10 @@ Keys, all under `--state-prefix` (default `searchrec`):
     P:eid:<id>  string   seen event ids, with a TTL (idempotent Feedback across replicas)
     P:replicas  hash     replica id -> its heartbeat: address, bundle version, applied tokens (consumer progress)
     P:bundle    hash     the bundle the fleet serves (path, version, rollout)
+    P:campaigns hash     campaign id -> its record (sponsored products; changes go through P:catalog too)
+    P:ads:c:<id> hash    a campaign's counters: "<day>|served|imp|clk|spend|unbilled", "total|spend"
+    P:ads:a:<auction> string  a charged auction (one charge per auction), with a TTL
+    P:ads:cap:<user>:<day> hash  ads of each campaign served to the user that day (frequency caps), with a TTL
     P:rollout:<n> hash   each replica's vote on rollout n
 
 A write is one Lua script (atomic: the stream entry and the state it changes land together) and is
@@ -32,18 +36,22 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from server.state import EVENT_WEIGHT, Event, LiveState
+from server.ads.ledger import CLICK_WINDOW_DAYS
+from server.state import CLICK, EVENT_WEIGHT, VIEW, Event, LiveState
 from server.store.base import ZERO, StateStore, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: events stream, counts hash, n event-id keys, n user-list keys.
-# ARGV: event-id ttl, max events per user, user ttl, origin, n, then per event: item, type, weight, record json.
+# KEYS: events stream, counts hash, n event-id keys, n user-list keys, n auction keys, n campaign-stats keys.
+# ARGV: event-id ttl, max events per user, user ttl, origin, n, auction ttl, then per event: item, type, weight,
+# record json, ad kind ("" | imp | clk), chargeable (1 | 0), price, day, daily budget, total budget, event id.
+# An ad click is charged (in the same script as the event, so both land or neither) when its auction was not
+# charged yet and the campaign's spend for the auction's day and in total are below its budgets.
 FEEDBACK = """
 local n = tonumber(ARGV[5])
-local fresh, recs = {}, {}
+local fresh, recs, charged = {}, {}, {}
 for i = 1, n do
-  local b = 5 + (i - 1) * 4
+  local b = 6 + (i - 1) * 11
   if redis.call('SET', KEYS[2 + i], '1', 'NX', 'EX', ARGV[1]) then
     local ukey = KEYS[2 + n + i]
     redis.call('RPUSH', ukey, ARGV[b + 1] .. '|' .. ARGV[b + 2])
@@ -52,13 +60,61 @@ for i = 1, n do
     redis.call('HINCRBYFLOAT', KEYS[2], ARGV[b + 1], ARGV[b + 3])
     fresh[#fresh + 1] = i
     recs[#recs + 1] = ARGV[b + 4]
+    local ad, stats, day = ARGV[b + 5], KEYS[2 + 3 * n + i], ARGV[b + 8]
+    if ad == 'imp' then
+      redis.call('HINCRBY', stats, day .. '|imp', 1)
+    elseif ad == 'clk' then
+      local akey = KEYS[2 + 2 * n + i]
+      local done = redis.call('EXISTS', akey) == 1
+      local ok = false
+      if ARGV[b + 6] == '1' and not done then
+        local sd = tonumber(redis.call('HGET', stats, day .. '|spend') or '0')
+        local st = tonumber(redis.call('HGET', stats, 'total|spend') or '0')
+        local daily, total = tonumber(ARGV[b + 9]), tonumber(ARGV[b + 10])
+        if sd < daily and (total <= 0 or st < total) then
+          redis.call('SET', akey, '1', 'EX', ARGV[6])
+          redis.call('HINCRBYFLOAT', stats, day .. '|spend', ARGV[b + 7])
+          redis.call('HINCRBYFLOAT', stats, 'total|spend', ARGV[b + 7])
+          redis.call('HINCRBY', stats, day .. '|clk', 1)
+          charged[#charged + 1] = ARGV[b + 11]
+          ok = true
+        end
+      end
+      if not ok and not done then
+        redis.call('HINCRBY', stats, day .. '|unbilled', 1)
+      end
+    end
   end
 end
 local id = ''
 if #recs > 0 then
-  id = redis.call('XADD', KEYS[1], '*', 'origin', ARGV[4], 'kind', 'feedback', 'events', '[' .. table.concat(recs, ',') .. ']')
+  id = redis.call('XADD', KEYS[1], '*', 'origin', ARGV[4], 'kind', 'feedback', 'events', '[' .. table.concat(recs, ',') .. ']',
+                  'charged', cjson.encode(charged))
 end
-return {id, fresh}
+return {id, fresh, cjson.encode(charged)}
+"""
+
+# KEYS: the user's cap hash for the day, then one campaign-stats key per ad. ARGV: cap ttl, day, then per ad:
+# campaign id, frequency cap (0 = none). An ad that would pass its cap is not counted and answers 0.
+SERVE = """
+local out = {}
+for i = 1, #KEYS - 1 do
+  local cid, cap = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
+  local ok = 1
+  if cap > 0 then
+    local n = redis.call('HINCRBY', KEYS[1], cid, 1)
+    redis.call('EXPIRE', KEYS[1], ARGV[1])
+    if n > cap then
+      redis.call('HINCRBY', KEYS[1], cid, -1)
+      ok = 0
+    end
+  end
+  if ok == 1 then
+    redis.call('HINCRBY', KEYS[1 + i], ARGV[2] .. '|served', 1)
+  end
+  out[i] = ok
+end
+return out
 """
 
 # KEYS: catalog stream, items hash. ARGV: origin, kind, payload json, then pairs item id, item json ("" = deleted).
@@ -112,6 +168,7 @@ class RedisStore(StateStore):
         self.tail_r = aioredis.Redis.from_url(config.state, socket_timeout=None, **kwargs)
         self._feedback = self.r.register_script(FEEDBACK)
         self._catalog = self.r.register_script(CATALOG)
+        self._serve = self.r.register_script(SERVE)
         self.ids = {"events": ZERO, "catalog": ZERO, "control": ZERO}  # where the tail reads on from
         self.active: dict[str, str] = {}  # the fleet's bundle at open (path, version, rollout)
         self.snapshot_token = ZERO  # the catalog position the snapshot read at open stands at
@@ -148,11 +205,15 @@ class RedisStore(StateStore):
             pipe.xrevrange(self.key("control"), count=1)
             pipe.hgetall(self.key("bundle"))
             pipe.hgetall(self.key("rules"))
-            items, cat, counts, ev, ctl, bundle, rules = await pipe.execute()
+            pipe.hgetall(self.key("campaigns"))
+            items, cat, counts, ev, ctl, bundle, rules, campaigns = await pipe.execute()
         for item_id, value in items.items():
             self.live.items[item_id] = json.loads(value) if value else None
         self.live.item_counts.update({k: float(v) for k, v in counts.items()})
         self.live.apply_rules([json.loads(v) for v in rules.values() if v])
+        self.live.apply_campaigns([json.loads(v) for v in campaigns.values()])
+        if campaigns:  # serving reads spend from this replica's ledger: start it from the store's counters
+            await self._load_spend(list(campaigns))
         for name, last in (("catalog", cat), ("events", ev), ("control", ctl)):
             self.ids[name] = last[0][0] if last else ZERO
         self.active = bundle
@@ -170,19 +231,32 @@ class RedisStore(StateStore):
     async def record_events(self, events: list[Event]) -> list[Event]:
         if not events:
             return []
+        n = len(events)
+        ads = self.live.ads
         keys = [self.key("events"), self.key("counts")]
         keys += [self.key(f"eid:{e.event_id}") for e in events]
         keys += [self.key(f"u:{e.user_id}") for e in events]
+        keys += [self.key(f"ads:a:{e.auction_id}") if e.ad is not None else self.key("ads:none") for e in events]
+        keys += [self.key(f"ads:c:{e.ad[0]}") if e.ad is not None else self.key("ads:none") for e in events]
+        ttl = int(self.config.ads_day_s * 3)
         args: list[Any] = [self.config.event_id_ttl_s, self.config.max_user_events, self.config.user_state_ttl_s,
-                           self.origin, len(events)]
+                           self.origin, n, ttl]
         for e in events:
-            args += [e.item_id, e.type, EVENT_WEIGHT.get(e.type, 0.0), _json(e.record())]
+            kind, chargeable, price, day, daily, total = "", "0", 0.0, 0, 0.0, 0.0
+            if e.ad is not None and e.type in (VIEW, CLICK):
+                campaign = self.live.campaigns.get(e.ad[0])
+                kind, price, day = ("imp" if e.type == VIEW else "clk"), e.ad[1], e.ad[2]
+                if campaign is not None and ads.clock.day(e.timestamp_ms) <= day + CLICK_WINDOW_DAYS:
+                    chargeable, daily, total = "1", campaign["daily_budget"], campaign["total_budget"]
+            args += [e.item_id, e.type, EVENT_WEIGHT.get(e.type, 0.0), _json(e.record()), kind, chargeable, price, day,
+                     daily, total, e.event_id]
         try:
-            _id, fresh_idx = await self._feedback(keys=keys, args=args)
+            _id, fresh_idx, charged = await self._feedback(keys=keys, args=args)
         except ERRORS as exc:
             raise self._refused("events", exc) from exc
         fresh = [events[int(i) - 1] for i in fresh_idx]
-        self.live.apply_events(fresh)  # this replica's view at once; the others read them from the stream
+        # this replica's view at once (the store's charging decisions); the others read them from the stream
+        self.live.apply_events(fresh, set(json.loads(charged) if charged not in ("{}", "") else []))
         return fresh
 
     async def append_catalog(self, kind: str, payload: list[Any]) -> str:
@@ -193,10 +267,13 @@ class RedisStore(StateStore):
         elif kind == "rules":  # the rules hash holds the current rules; a deleted rule's value is ""
             for r in payload:
                 args += [r["rule_id"], "" if r.get("deleted") else _json(r)]
+        elif kind == "campaigns":
+            for c in payload:
+                args += [c["campaign_id"], _json(c)]
         else:
             for item_id in payload:
                 args += [item_id, ""]
-        table = self.key("rules") if kind == "rules" else self.key("items")
+        table = self.key({"rules": "rules", "campaigns": "campaigns"}.get(kind, "items"))
         try:
             return await self._catalog(keys=[self.key("catalog"), table], args=args)
         except ERRORS as exc:
@@ -207,6 +284,58 @@ class RedisStore(StateStore):
         key = self.key(f"secret:{name}")
         await self.r.set(key, os.urandom(32).hex(), nx=True)
         return bytes.fromhex(await self.r.get(key))
+
+    # --- sponsored products --------------------------------------------------------------------
+    async def ads_serve(self, user: str, day: int, wins: list[tuple[str, int]]) -> list[bool]:
+        if not wins:
+            return []
+        keys = [self.key(f"ads:cap:{user}:{day}") if user else self.key("ads:none")]
+        keys += [self.key(f"ads:c:{cid}") for cid, _ in wins]
+        args: list[Any] = [int(self.config.ads_day_s * 2), day]
+        for cid, cap in wins:
+            args += [cid, cap if user else 0]
+        try:
+            oks = await self._serve(keys=keys, args=args)
+        except ERRORS as exc:  # no counting, no ads: an ad served past a cap cannot be taken back
+            log.warning("state store %s unreachable (%s): no ads served", self.url, exc)
+            self.up = False
+            return [False] * len(wins)
+        return [bool(int(v)) for v in oks]
+
+    async def ads_caps(self, user: str, day: int) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in (await self.r.hgetall(self.key(f"ads:cap:{user}:{day}"))).items()}
+        except ERRORS:
+            return {}  # the serve script refuses capped ads anyway (and serves none while the store is down)
+
+    async def _stats(self, campaign_ids: list[str]) -> list[dict[str, str]]:
+        async with self.r.pipeline(transaction=False) as pipe:
+            for cid in campaign_ids:
+                pipe.hgetall(self.key(f"ads:c:{cid}"))
+            return await pipe.execute()
+
+    async def ads_report(self, campaign_ids: list[str], first: int, last: int) -> dict[str, dict[int, list[float]]]:
+        fields = {"served": 0, "imp": 1, "clk": 2, "spend": 3, "unbilled": 4}
+        out: dict[str, dict[int, list[float]]] = {}
+        for cid, h in zip(campaign_ids, await self._stats(campaign_ids)):
+            days: dict[int, list[float]] = {}
+            for name, value in h.items():
+                day, _, what = name.partition("|")
+                if day == "total" or what not in fields or not first <= int(day) <= last:
+                    continue
+                days.setdefault(int(day), [0, 0, 0, 0.0, 0])[fields[what]] = float(value)
+            out[cid] = days
+        return out
+
+    async def _load_spend(self, campaign_ids: list[str]) -> None:
+        ads = self.live.ads
+        for cid, h in zip(campaign_ids, await self._stats(campaign_ids)):
+            for name, value in h.items():
+                day, _, what = name.partition("|")
+                if name == "total|spend":
+                    ads.spent_total[cid] = float(value)
+                elif what in ("spend", "clk", "unbilled", "imp"):
+                    ads.row(cid, int(day))[{"imp": 1, "clk": 2, "spend": 3, "unbilled": 4}[what]] = float(value)
 
     # --- reads --------------------------------------------------------------------------------
     async def user_events(self, user_id: str) -> list[tuple[str, int]]:
