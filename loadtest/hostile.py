@@ -75,6 +75,23 @@ class RandomDraw:
         return self.rng.choice(SIZES)
 
 
+class Short:
+    """A Draw whose texts and lists are short: for the one message a builder repeats thousands of times (a request
+    of huge messages repeated would be built in the client's memory first, gigabytes of it)."""
+
+    def __init__(self, d: Draw) -> None:
+        self.d = d
+
+    def text(self) -> str:
+        return self.d.text()[:50]
+
+    def size(self) -> int:
+        return min(self.d.size(), 3)
+
+    def __getattr__(self, name: str):
+        return getattr(self.d, name)
+
+
 def _texts(d: Draw) -> list[str]:
     n = d.size()
     first = d.text()
@@ -136,7 +153,7 @@ def _rule(pb, d: Draw):
 
 def put_rules(pb, d: Draw):
     n = d.size()
-    one = _rule(pb, d)
+    one = _rule(pb, Short(d) if n > 3 else d)
     return "PutRules", pb.PutRulesRequest(rules=[one] * n if n > 3 else [_rule(pb, d) for _ in range(n)])
 
 
@@ -165,7 +182,7 @@ def _event(pb, d: Draw):
 
 def feedback(pb, d: Draw):
     n = d.size()
-    one = _event(pb, d)
+    one = _event(pb, Short(d) if n > 3 else d)
     events = [one] * n if n > 3 else [_event(pb, d) for _ in range(n)]
     return "Feedback", pb.FeedbackRequest(events=events)
 
@@ -182,7 +199,7 @@ def _item(pb, d: Draw):
 
 def upsert(pb, d: Draw):
     n = min(d.size(), 3) if d.flag() else d.size()
-    one = _item(pb, d)
+    one = _item(pb, Short(d) if n > 3 else d)
     items = [one] * n if n > 3 else [_item(pb, d) for _ in range(n)]
     return "UpsertItems", pb.UpsertItemsRequest(items=items)
 
@@ -211,15 +228,16 @@ def _campaign(pb, d: Draw):
                     daily_budget=d.number(), total_budget=d.number(), start_ms=d.int64(), end_ms=d.int64(),
                     status=d.enum(), negative_keywords=_texts(d), categories=_texts(d),
                     audience_min_interest=d.number(), frequency_cap=d.int32())
-    for t in _texts(d)[:1001]:
+    for t in _texts(d):
         c.keywords.add(text=t, match=d.enum())
     return c
 
 
 def put_campaigns(pb, d: Draw):
     n = d.size()
-    one = _campaign(pb, d)
-    return "PutCampaigns", pb.PutCampaignsRequest(campaigns=[one] * n if n > 3 else [_campaign(pb, d) for _ in range(n)])
+    if n > 3:
+        return "PutCampaigns", pb.PutCampaignsRequest(campaigns=[_campaign(pb, Short(d))] * n)
+    return "PutCampaigns", pb.PutCampaignsRequest(campaigns=[_campaign(pb, d) for _ in range(n)])
 
 
 def campaign_status(pb, d: Draw):

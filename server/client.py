@@ -8,6 +8,11 @@
     python -m server.client upsert NEW-1 "Some title" --category "Power Tools" --price 99
     python -m server.client delete NEW-1
     python -m server.client info | health | reload [PATH]
+    python -m server.client campaigns put '{"campaignId": "c1", "advertiser": "acme", "itemIds": ["SR-00007"],
+                                           "maxCpc": 0.8, "dailyBudget": 20, "keywords": [{"text": "drill"}]}'
+    python -m server.client campaigns list | pause c1 | resume c1
+    python -m server.client ads-report [--campaign c1] [--from-day 2026-12-01]
+    python -m server.client feedback U0001 SR-00007 --type click --auction AUCTION_ID   (an ad's click)
 
 Against a server with access control: `--token T` (or SEARCHREC_TOKEN) sends `authorization: Bearer T`;
 `--tls-ca CA.pem` connects over TLS, and `--tls-cert/--tls-key` add a client certificate (mutual TLS).
@@ -36,6 +41,13 @@ def _filters(args) -> "pb.Filters":
     if args.max_price is not None:
         f.max_price = args.max_price
     return f
+
+
+def _print_sponsored(sponsored) -> None:
+    for s in sponsored:
+        it = s.item
+        print(f"  ad {s.slot}. {it.item_id:<12} {it.title}  [{s.advertiser} / {s.campaign_id}: ${s.cpc:.2f} a click, "
+              f"pCTR {s.pctr:.3f}]\n        auction {s.auction_id}")
 
 
 def _print_items(items, explain: bool) -> None:
@@ -100,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--page-token", default="", help="the next_page_token of the previous page")
             s.add_argument("--paged", action="store_true", help="print a token for the next page")
             s.add_argument("--offset", type=int, help="start at this position of the list")
+        s.add_argument("--ad-slots", type=int, help="sponsored slots (0 = none; default: the server's)")
     sg = sub.add_parser("suggest", help="query suggestions for a prefix as typed")
     sg.add_argument("prefix")
     sg.add_argument("--k", type=int, default=None)
@@ -122,11 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--category", action="append")
     rc.add_argument("--brand", action="append")
     rc.add_argument("--in-stock", action="store_true")
+    rc.add_argument("--ad-slots", type=int, help="sponsored slots (0 = none; default: the server's)")
+    cp = sub.add_parser("campaigns", help="sponsored-product campaigns: list, put (JSON: one Campaign or a list), "
+                                          "pause, resume")
+    cp.add_argument("action", choices=("list", "put", "pause", "resume"))
+    cp.add_argument("values", nargs="*", help="put: JSON campaigns; pause/resume: campaign ids")
+    cp.add_argument("--advertiser", default="")
+    ar = sub.add_parser("ads-report", help="impressions, clicks, CTR, spend and CPC per campaign and day")
+    ar.add_argument("--campaign", action="append", default=[])
+    ar.add_argument("--advertiser", default="")
+    ar.add_argument("--from-day", default="")
+    ar.add_argument("--to-day", default="")
     fb = sub.add_parser("feedback")
     fb.add_argument("user_id")
     fb.add_argument("item_id")
     fb.add_argument("--type", choices=("view", "click", "add_to_cart", "purchase"), default="purchase")
     fb.add_argument("--event-id", default=None, help="default: a fresh uuid")
+    fb.add_argument("--auction", default="", help="the auction_id of the ad this event is about")
     up = sub.add_parser("upsert")
     up.add_argument("item_id")
     up.add_argument("title")
@@ -156,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                     req.k = args.k
                 if args.offset is not None:
                     req.offset = args.offset
+                if args.ad_slots is not None:
+                    req.ad_slots = args.ad_slots
                 resp = stub.Search(req, timeout=args.timeout)
                 t = resp.timings
                 print(f"bundle {resp.bundle_version}: {len(resp.items)} items in {t.total_ms:.1f} ms "
@@ -174,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f" (+{f.more_values} more)" if f.more_values else ""))
                 for f in resp.rules_fired:
                     print(f"rule {f.rule_id} ({f.kind}): {f.detail}")
+                _print_sponsored(resp.sponsored)
                 _print_items(resp.items, args.explain)
                 if resp.next_page_token:
                     print(f"next page: --page-token {resp.next_page_token}")
@@ -217,19 +245,53 @@ def main(argv: list[str] | None = None) -> int:
                 req = pb.SimilarItemsRequest(item_id=args.item_id, filters=_filters(args), explain=args.explain)
                 if args.k is not None:
                     req.k = args.k
+                if args.ad_slots is not None:
+                    req.ad_slots = args.ad_slots
                 resp = stub.SimilarItems(req, timeout=args.timeout)
                 print(f"bundle {resp.bundle_version}: {len(resp.items)} items")
+                _print_sponsored(resp.sponsored)
                 _print_items(resp.items, args.explain)
             elif args.cmd == "recommend":
                 req = pb.RecommendRequest(user_id=args.user_id, recent_item_ids=args.recent, filters=_filters(args))
                 if args.k is not None:
                     req.k = args.k
+                if args.ad_slots is not None:
+                    req.ad_slots = args.ad_slots
                 resp = stub.Recommend(req, timeout=args.timeout)
                 print(f"bundle {resp.bundle_version}: {len(resp.items)} items for {args.user_id!r}")
+                _print_sponsored(resp.sponsored)
                 _print_items(resp.items, False)
+            elif args.cmd == "campaigns":
+                if args.action == "list":
+                    for c in stub.ListCampaigns(pb.ListCampaignsRequest(advertiser=args.advertiser),
+                                                timeout=args.timeout).campaigns:
+                        print(json_format.MessageToJson(c, indent=None))
+                elif args.action == "put":
+                    campaigns = []
+                    for text in args.values:
+                        parsed = json.loads(text)
+                        for one in parsed if isinstance(parsed, list) else [parsed]:
+                            campaigns.append(json_format.ParseDict(one, pb.Campaign()))
+                    print(stub.PutCampaigns(pb.PutCampaignsRequest(campaigns=campaigns), timeout=args.timeout))
+                else:
+                    status = pb.PAUSED if args.action == "pause" else pb.ACTIVE
+                    for cid in args.values:
+                        r = stub.SetCampaignStatus(pb.SetCampaignStatusRequest(campaign_id=cid, status=status),
+                                                   timeout=args.timeout)
+                        print(f"{cid}: {r.campaign.state.serving} (token {r.sequence_token})")
+            elif args.cmd == "ads-report":
+                resp = stub.AdsReport(pb.AdsReportRequest(campaign_ids=args.campaign, advertiser=args.advertiser,
+                                                          from_day=args.from_day, to_day=args.to_day),
+                                      timeout=args.timeout)
+                print(f"{'campaign':<14}{'advertiser':<14}{'day':<12}{'served':>8}{'impr.':>8}{'clicks':>8}{'CTR':>8}"
+                      f"{'spend':>10}{'CPC':>8}{'unbilled':>10}")
+                for r in resp.rows:
+                    print(f"{r.campaign_id:<14}{r.advertiser:<14}{r.day:<12}{r.served:>8}{r.impressions:>8}{r.clicks:>8}"
+                          f"{r.ctr:>8.3f}{r.spend:>10.2f}{r.avg_cpc:>8.2f}{r.unbilled_clicks:>10}")
             elif args.cmd == "feedback":
                 ev = pb.Event(event_id=args.event_id or uuid.uuid4().hex, user_id=args.user_id, item_id=args.item_id,
-                              type=pb.Event.Type.Value(args.type.upper()), timestamp_ms=int(time.time() * 1000))
+                              type=pb.Event.Type.Value(args.type.upper()), timestamp_ms=int(time.time() * 1000),
+                              auction_id=args.auction)
                 print(stub.Feedback(pb.FeedbackRequest(events=[ev]), timeout=args.timeout))
             elif args.cmd == "upsert":
                 item = pb.Item(item_id=args.item_id, title=args.title, category=args.category, brand=args.brand,

@@ -85,6 +85,7 @@ class ServerConfig:
     ads_pacing: bool = True  # throttle campaigns whose spend runs ahead of the day
     ads_pacing_lookahead: float = 1 / 24  # share of the daily budget a campaign may spend ahead of the clock
     ads_day_s: float = 86400.0  # length of a budget day (shorter only for simulations)
+    ads_day_start_ms: int = 0  # when budget day 0 began (0: UTC days; simulations start their day at a set time)
     workers: int = 1  # replica processes on this machine (`--workers N`: N processes on ports port..port+N-1)
     # UpsertItems writes the classifier's category into an item that has none when its probability reaches the
     # threshold (marked predicted; a merchant's category is never changed). Needs a bundle with a classifier.
@@ -145,6 +146,8 @@ class ServerConfig:
             problems.append("ads_pacing_lookahead must be in 0..1 (a share of the day)")
         if not self.ads_day_s >= 1:
             problems.append("ads_day_s must be >= 1")
+        if self.ads_day_start_ms < 0:
+            problems.append("ads_day_start_ms must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -266,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the day a campaign may spend ahead of an even pace (default one hour)")
     p.add_argument("--ads-day-s", type=float, default=float(_env("ads_day_s", d.ads_day_s)),
                    help="seconds in a budget day (86400; shorter for simulations: days are then named day-N)")
+    p.add_argument("--ads-day-start-ms", type=int, default=int(_env("ads_day_start_ms", d.ads_day_start_ms)),
+                   help="simulations: the epoch millisecond at which budget day 0 starts (default 0: UTC days)")
     p.add_argument("--workers", type=int, default=int(_env("workers", d.workers)),
                    help="replica processes on this machine, on ports PORT..PORT+N-1 (needs --state redis://)")
     p.add_argument("--no-autofill-categories", dest="autofill_categories", action="store_false",

@@ -38,6 +38,10 @@ class Metrics:
         self.autofill = Counter("searchrec_category_autofill", "items upserted without a category: filled by the "
                                 "classifier, or left empty (probability below the threshold)", ["result"],
                                 registry=r)
+        self.ads_served = Counter("searchrec_ads_served", "sponsored slots filled (ads returned)", registry=r)
+        self.ad_clicks = Counter("searchrec_ad_clicks", "ad clicks reported, by whether they were charged",
+                                 ["charged"], registry=r)
+        self.ad_spend = Counter("searchrec_ad_spend", "money charged for ad clicks (currency units)", registry=r)
         self.denied = Counter("searchrec_denied", "calls refused by the access check, by method and code",
                               ["method", "code"], registry=r)
         self.holder = holder
@@ -56,6 +60,17 @@ class Metrics:
             self.autofill.labels("filled").inc(filled)
         if below:
             self.autofill.labels("below_threshold").inc(below)
+
+    def observe_ads(self, served: int, _prices: float) -> None:
+        if served:
+            self.ads_served.inc(served)
+
+    def observe_ad_clicks(self, charged: int, uncharged: int, spend: float) -> None:
+        if charged:
+            self.ad_clicks.labels("true").inc(charged)
+            self.ad_spend.inc(spend)
+        if uncharged:
+            self.ad_clicks.labels("false").inc(uncharged)
 
     def observe_denied(self, method: str, code: str) -> None:
         self.denied.labels(method.rsplit("/", 1)[-1], code).inc()
@@ -123,6 +138,10 @@ class _StateCollector:
                                 value=h.lag.seconds)
         live = h.live
         yield GaugeMetricFamily("searchrec_live_users", "users with live events", value=len(live.users) if live else 0)
+        if live is not None:
+            serving = sum(1 for c in live.campaigns.values() if h.ads is not None and h.ads.state(c) == "serving")
+            yield GaugeMetricFamily("searchrec_ad_campaigns_serving", "campaigns that may serve now (status, dates, "
+                                    "budgets, pacing)", value=serving)
         store = h.store
         state = store.info() if store is not None else {"backend": "none", "up": False, "log_bytes": 0}
         yield GaugeMetricFamily("searchrec_event_log_bytes", "size of the durable event log", value=state["log_bytes"])

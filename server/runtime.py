@@ -341,7 +341,7 @@ class RuntimeHolder:
         self.live = None
         if config.state_dir or config.state:
             self.live = LiveState(None if config.state else config.state_dir, config.max_user_events,
-                                  fsync=config.fsync, max_users=config.max_live_users, ads_day_s=config.ads_day_s)
+                                  fsync=config.fsync, max_users=config.max_live_users, ads_day_s=config.ads_day_s, ads_day_start_ms=config.ads_day_start_ms)
         self.store = make_store(config, self.live)
         self._rules, self._rules_version = RuleSet(), 0
         self.page_tokens = PageTokens(os.urandom(32))  # replaced at start by the store's key (server.app)

@@ -378,6 +378,7 @@ class SearchRecommendService(AdsRpcs, pb_grpc.SearchRecommendServicer):
             suggest_phrases=len(runtime.suggester.texts) if runtime.suggester is not None else 0,
             suggest_live_phrases=len(runtime.suggester.extra) if runtime.suggester is not None else 0,
             rules=len(live.rules) if live is not None else 0,
+            campaigns=len(live.campaigns) if live is not None else 0,
             native_bf16=self.holder.cpu["native_bf16"], cpu_flags=self.holder.cpu["cpu_flags"],
             batcher=pb.BatcherInfo(
                 max_batch_size=cfg.max_batch_size, max_delay_ms=cfg.max_delay_ms, max_queue=cfg.max_queue,
@@ -743,7 +744,11 @@ class SearchRecommendService(AdsRpcs, pb_grpc.SearchRecommendServicer):
         charged = 0
         if self.holder.ads is not None:
             done = self.holder.live.ads.charged
-            charged = sum(1 for ev in fresh if ev.ad is not None and ev.type == CLICK and done.get(ev.auction_id) == ev.event_id)
+            paid = [ev for ev in fresh if ev.ad is not None and ev.type == CLICK and done.get(ev.auction_id) == ev.event_id]
+            charged = len(paid)
+            if self.metrics is not None:
+                clicks = sum(1 for ev in fresh if ev.ad is not None and ev.type == CLICK)
+                self.metrics.observe_ad_clicks(charged, clicks - charged, sum(ev.ad[1] for ev in paid))
         return pb.FeedbackResponse(accepted=len(fresh), duplicates=len(events) - len(fresh), charged=charged)
 
     @_rpc

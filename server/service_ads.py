@@ -285,7 +285,7 @@ class AdsRpcs:
         caps = [(w.bid.campaign_id, ads.live.campaigns[w.bid.campaign_id]["frequency_cap"]) for w in wins]
         allowed = await self.holder.store.ads_serve(user_key, cands.day, caps)
         sold = ads.sold(wins, cands.day, cands.now_ms, allowed)
-        if self.metrics is not None and hasattr(self.metrics, "observe_ads"):
+        if self.metrics is not None:
             self.metrics.observe_ads(len(sold), sum(s.price for s in sold))
         return sold
 

@@ -65,7 +65,8 @@ class LiveState:
     """Users' recent events, live counters, seen event ids and catalog changes (+ their log)."""
 
     def __init__(self, state_dir: Path | None, max_events: int = 50, max_event_ids: int = 1_000_000,
-                 fsync: bool = True, max_users: int = 1_000_000, ads_day_s: float = 86400.0) -> None:
+                 fsync: bool = True, max_users: int = 1_000_000, ads_day_s: float = 86400.0,
+                 ads_day_start_ms: int = 0) -> None:
         self.max_events = max_events
         self.max_users = max_users
         # user -> (item_id, type), oldest first; least recently active user first, so memory stays
@@ -83,7 +84,7 @@ class LiveState:
         self.rules_version = 0  # bumped by every rule change: the compiled RuleSet is rebuilt from it
         self.campaigns: dict[str, dict[str, Any]] = {}  # campaign_id -> sponsored-products campaign (server.ads)
         self.campaigns_version = 0
-        self.ads = Ledger(self.campaigns.get, DayClock(ads_day_s))  # spend, clicks, impressions per campaign and day
+        self.ads = Ledger(self.campaigns.get, DayClock(ads_day_s, ads_day_start_ms))  # spend, clicks, impressions per campaign and day
         self.log: EventLog | None = None
         self.replay_report = ReplayReport()
         if state_dir is not None:

@@ -228,6 +228,26 @@ def test_sponsored_slots_pass_the_relevance_floor_and_leave_the_organic_list(sho
     pause_all(stub, pb)
 
 
+def test_category_and_audience_targeting(shop, pb):
+    stub, _, _ = shop
+    pause_all(stub, pb)
+    base = organic(stub, pb)
+    put(stub, pb,
+        pb.Campaign(campaign_id="garden-only", advertiser="acme", item_ids=base[2:5], max_cpc=0.9, daily_budget=50,
+                    categories=["Garden"]),
+        pb.Campaign(campaign_id="tools-only", advertiser="bolt", item_ids=base[5:8], max_cpc=0.5, daily_budget=50,
+                    categories=["power tools"]),
+        pb.Campaign(campaign_id="drill-fans", advertiser="cord", item_ids=base[8:10], max_cpc=0.7, daily_budget=50,
+                    audience_min_interest=0.6))
+    got = {a.campaign_id for a in stub.Search(pb.SearchRequest(query=DRILL, user_id="new-shopper"), timeout=30).sponsored}
+    assert got == {"tools-only"}  # the drill answer's category is Power Tools; a user with no history has no interest
+    stub.Feedback(pb.FeedbackRequest(events=[pb.Event(event_id=f"fan-{i}", user_id="fan", item_id=item, type=pb.Event.VIEW)
+                                             for i, item in enumerate(base[:3])]), timeout=30)
+    got = {a.campaign_id for a in stub.Search(pb.SearchRequest(query=DRILL, user_id="fan"), timeout=30).sponsored}
+    assert "drill-fans" in got and "garden-only" not in got  # a user who looked at drills is in the audience
+    pause_all(stub, pb)
+
+
 def click_and_view(pb, ad, n: str, user: str = "buyer"):
     return [pb.Event(event_id=f"v-{n}", user_id=user, item_id=ad.item.item_id, type=pb.Event.VIEW,
                      auction_id=ad.auction_id),

@@ -33,6 +33,29 @@ def test_locust_headless_mix(target, sample_bundle, tmp_path):
     assert "load generator CPU" in out.stdout + out.stderr
 
 
+def test_locust_ads_heavy_mix(target, sample_bundle, tmp_path):
+    """The ads mix: campaigns put at the start, sponsored slots checked (never organic too, priced within
+    [reserve, bid], a click charged once), impressions and clicks reported, advertisers reading reports."""
+    env = dict(os.environ, SEARCHREC_BUNDLE=str(sample_bundle), SEARCHREC_DATA_DIR=str(tmp_path / "no-data"),
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "ads_locustfile.py"), "--headless", "-u", "6",
+         "-r", "6", "-t", "6s", "--host", target.target, "--csv", str(tmp_path / "load"), "--only-summary"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "load_stats.csv"))}
+    for method in ("Search", "Feedback", "AdsReport", "ListCampaigns", "SimilarItems"):
+        assert int(rows[method]["Request Count"]) > 0, f"no {method} calls"
+    for name, row in rows.items():
+        assert int(row["Failure Count"]) == 0, f"{name} failed: {row}"
+    from server.stubs import pb, pb_grpc
+    import grpc
+
+    with grpc.insecure_channel(target.target) as ch:
+        report = pb_grpc.SearchRecommendStub(ch).AdsReport(pb.AdsReportRequest(), timeout=30).rows
+    assert sum(r.impressions for r in report) > 0 and sum(r.served for r in report) > 0
+
+
 def test_locust_fleet_mode_through_the_proxy(sample_bundle, tmp_path):
     """Two replicas on a real Redis behind nginx: the fleet locustfile's checks (read-your-writes across
     replicas, sequence tokens) all hold, and both replicas answer."""

@@ -23,26 +23,29 @@ VIEW, CLICK = 1, 2
 
 
 class DayClock:
-    """Budget days: UTC days, or simulated days of `day_s` seconds (--ads-day-s) for simulations."""
+    """Budget days: UTC days, or for simulations days of `day_s` seconds (--ads-day-s) counted from `start_ms`
+    (--ads-day-start-ms), named day-N."""
 
-    def __init__(self, day_s: float = 86400.0) -> None:
+    def __init__(self, day_s: float = 86400.0, start_ms: int = 0) -> None:
         self.day_ms = day_s * 1000.0
+        self.start_ms = start_ms
+        self.utc = self.day_ms == 86_400_000 and start_ms == 0
 
     def day(self, ms: float) -> int:
-        return int(ms // self.day_ms)
+        return int((ms - self.start_ms) // self.day_ms)
 
     def fraction(self, ms: float) -> float:
         """How much of the day `ms` falls in has gone by, 0..1."""
-        return (ms % self.day_ms) / self.day_ms
+        return ((ms - self.start_ms) % self.day_ms) / self.day_ms
 
     def name(self, day: int) -> str:
-        if self.day_ms == 86_400_000:
+        if self.utc:
             return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
         return f"day-{day}"
 
     def parse(self, text: str) -> int:
         """A day name -> its number; ValueError when it is not one."""
-        if self.day_ms == 86_400_000:
+        if self.utc:
             return (dt.date.fromisoformat(text) - dt.date(1970, 1, 1)).days
         if not text.startswith("day-"):
             raise ValueError(f"expected day-N (simulated days), got {text!r}")
