@@ -171,7 +171,7 @@ class Day:
         rng = random.Random(f"{u}-{user}")
         if similar and self.clicked[user]:
             source = rng.choice(self.clicked[user])
-            resp = self.stub.SimilarItems(pb.SimilarItemsRequest(item_id=source, k=10), timeout=30)
+            resp = self.stub.SimilarItems(pb.SimilarItemsRequest(item_id=source, k=10, user_id=user), timeout=30)
             q = None
         else:
             resp = self.stub.Search(pb.SearchRequest(query=query, k=10, user_id=user), timeout=30)

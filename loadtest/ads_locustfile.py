@@ -102,7 +102,8 @@ class AdsUser(base.SearchrecUser):
     @task(15)
     def similar_with_ads(self) -> None:
         try:
-            resp = self.stub.SimilarItems(pb.SimilarItemsRequest(item_id=random.choice(base.ITEMS), k=10),
+            resp = self.stub.SimilarItems(pb.SimilarItemsRequest(item_id=random.choice(base.ITEMS), k=10,
+                                                                 user_id=self.user_id),
                                           timeout=base.DEADLINE_S)
         except grpc.RpcError:
             return

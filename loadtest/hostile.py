@@ -169,7 +169,7 @@ def recommend(pb, d: Draw):
 
 
 def similar(pb, d: Draw):
-    req = pb.SimilarItemsRequest(item_id=d.text(), filters=_filters(pb, d), explain=d.flag())
+    req = pb.SimilarItemsRequest(item_id=d.text(), filters=_filters(pb, d), explain=d.flag(), user_id=d.text())
     _k(req, d)
     _k(req, d, "ad_slots")
     return "SimilarItems", req

@@ -323,6 +323,7 @@ class SearchRecommendService(AdsRpcs, pb_grpc.SearchRecommendServicer):
     async def SimilarItems(self, request, context):
         item_id = _text_field(request.item_id, "item_id", MAX_ID_CHARS, required=True)
         k, filters = _k(request), to_filters(request.filters)
+        _text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False)
         slots = self._ad_slots(request)
         await self._consistent(request, context)
         runtime = self.holder.current
@@ -341,8 +342,10 @@ class SearchRecommendService(AdsRpcs, pb_grpc.SearchRecommendServicer):
         if slots:
             bundle = runtime.bundle
             anchor = bundle.vectors[source].astype(np.float32)
+            user_id = _text_field(request.user_id, "user_id", MAX_ID_CHARS, required=False)
             hits, sold = await self._sponsored_by_vector(runtime, anchor, hits, k, slots,
-                                                         self.holder.ads.campaigns.untargeted(), "", {source},
+                                                         self.holder.ads.campaigns.untargeted(),
+                                                         self.pseudonymise(user_id) if user_id else "", {source},
                                                          mask=self._ad_mask(bundle, filters))
         return pb.SimilarItemsResponse(items=[self._scored(runtime.bundle, h) for h in hits[:k]],
                                        bundle_version=runtime.version,

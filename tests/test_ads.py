@@ -217,6 +217,7 @@ def test_sponsored_slots_pass_the_relevance_floor_and_leave_the_organic_list(sho
     assert not [a for a in stub.Search(pb.SearchRequest(query=DRILL), timeout=30).sponsored if a.campaign_id == "drills"]
     listed = {c.campaign_id: c for c in stub.ListCampaigns(pb.ListCampaignsRequest(), timeout=30).campaigns}
     assert listed["drills"].state.serving == "paused" and listed["lamp"].state.serving == "serving"
+    assert stub.GetInfo(pb.GetInfoRequest(), timeout=30).campaigns == len(listed)
     # SimilarItems and Recommend carry ads too (their own relevance floor: nearness to the item / the user).
     put(stub, pb, pb.Campaign(campaign_id="drills", advertiser="acme", item_ids=base[3:6], max_cpc=0.8,
                               daily_budget=50))
@@ -320,6 +321,8 @@ def test_frequency_cap_and_the_off_switch(sample_bundle, tmp_path, pb):
                                       daily_budget=100, frequency_cap=2))
             seen = [len(stub.Search(pb.SearchRequest(query=DRILL, user_id="fc"), timeout=30).sponsored) for _ in range(4)]
             assert seen == [1, 1, 0, 0]  # two ads of the campaign a day for this user, then none
+            sim = stub.SimilarItems(pb.SimilarItemsRequest(item_id=base[0], user_id="fc"), timeout=30)
+            assert not [a for a in sim.sponsored if a.campaign_id == "capped"]  # the cap holds on every read RPC
             assert stub.Search(pb.SearchRequest(query=DRILL, user_id="someone-else"), timeout=30).sponsored
             rows = stub.AdsReport(pb.AdsReportRequest(), timeout=30).rows
             assert rows[0].served == 3
@@ -331,6 +334,36 @@ def test_frequency_cap_and_the_off_switch(sample_bundle, tmp_path, pb):
             stub = pb_grpc.SearchRecommendStub(ch)
             assert not stub.Search(pb.SearchRequest(query=DRILL, user_id="x"), timeout=30).sponsored  # --ads-slots 0
             assert stub.Search(pb.SearchRequest(query=DRILL, user_id="x", ad_slots=1), timeout=30).sponsored
+    finally:
+        srv.stop()
+
+
+def test_pacing_throttles_a_campaign_that_runs_ahead_of_the_day(sample_bundle, tmp_path, pb):
+    """A (ten-day) budget day that starts now, 9% look-ahead: a budget of 10 may spend 0.9 before the clock moves
+    (it moves 0.001% a minute); clicks at the reserve of 0.5 stop it after two, as "paced" (the day's budget is not
+    spent: 1.0 of 10)."""
+    now_ms = int(time.time() * 1000)
+    srv = ServerThread(make_config(sample_bundle, state_dir=tmp_path / "s", fsync=False, ads_day_s=864_000.0,
+                                   ads_day_start_ms=now_ms, ads_pacing_lookahead=0.09, ads_reserve_cpc=0.5)).start()
+    try:
+        from server.stubs import pb_grpc
+
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.SearchRecommendStub(ch)
+            base = organic(stub, pb)
+            put(stub, pb, pb.Campaign(campaign_id="paced", advertiser="acme", item_ids=base[1:4], max_cpc=1.0,
+                                      daily_budget=10.0))
+            charged = 0
+            for n in range(10):
+                ads = stub.Search(pb.SearchRequest(query=DRILL, user_id=f"p{n}"), timeout=30).sponsored
+                if not ads:
+                    break
+                charged += stub.Feedback(pb.FeedbackRequest(events=click_and_view(pb, ads[0], f"p{n}", f"p{n}")),
+                                         timeout=30).charged
+            assert charged == 2
+            state = stub.ListCampaigns(pb.ListCampaignsRequest(), timeout=30).campaigns[0].state
+            assert state.serving == "paced" and state.spent_today == pytest.approx(1.0)
+            assert stub.AdsReport(pb.AdsReportRequest(), timeout=30).rows[0].day == "day-0"
     finally:
         srv.stop()
 
