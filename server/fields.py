@@ -6,6 +6,7 @@ from common.text import has_control_chars
 from server.errors import InvalidArgument
 
 MAX_ID_CHARS = 256
+MAX_FILTER_VALUE_CHARS = 200  # a filter value, category, brand, attribute, keyword term
 
 
 def text_field(value: str, field: str, limit: int, *, required: bool) -> str:

@@ -16,11 +16,11 @@ import numpy as np
 from common.suggest import phrase_key
 from common.text import normalise_path
 from server.ads.auction import MAX_SLOTS
-from server.ads.campaigns import MAX_CAMPAIGNS, MAX_CATEGORIES, MAX_ITEMS, MAX_KEYWORDS, SERVING
+from server.ads.campaigns import MAX_CAMPAIGNS, MAX_CATEGORIES, MAX_ITEMS, MAX_KEYWORDS
 from server.ads.ledger import CLICKS, IMPS, SERVED, SPEND, UNBILLED
 from server.ads.serving import AdServer, Candidates, Sponsored, user_interest
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from server.fields import MAX_ID_CHARS, id_list, text_field
+from server.fields import id_list, text_field
 from server.stubs import pb
 from server.types import Hit
 
@@ -340,5 +340,3 @@ def ad_event(ads: AdServer | None, auction_id: str, item_id: str, f: str) -> tup
                               "this request was applied", field=f"{f}.auction_id")
     return (sold.campaign_id, sold.price, sold.day, sold.slot)
 
-
-__all__ = ["AdsRpcs", "ad_event", "MAX_ID_CHARS", "SERVING"]

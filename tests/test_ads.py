@@ -225,7 +225,8 @@ def test_sponsored_slots_pass_the_relevance_floor_and_leave_the_organic_list(sho
     assert sim.sponsored and not {a.item.item_id for a in sim.sponsored} & {it.item_id for it in sim.items}
     assert LAMP not in {a.item.item_id for a in sim.sponsored}
     rec = stub.Recommend(pb.RecommendRequest(user_id="ads-u", recent_item_ids=base[:2], k=5), timeout=30)
-    assert all(a.item.item_id not in base[:2] for a in rec.sponsored)
+    assert rec.sponsored and all(a.item.item_id not in base[:2] for a in rec.sponsored)
+    assert not {a.item.item_id for a in rec.sponsored} & {it.item_id for it in rec.items}
     pause_all(stub, pb)
 
 
