@@ -270,12 +270,16 @@ class SearchRecommendService(StorefrontRpcs, AdsRpcs, pb_grpc.SearchRecommendSer
         if cands is not None and out.ads is not None:
             a = out.ads
             shown = [h.row for h in hits]
+            ids = runtime.bundle.items.id_to_row
+            pins = query.rules.pins if query.rules else ()
             # List mode: the page stays as it is (pages must add up to the list); the ad is not one of its items.
-            exclude = set(shown) if listing is not None else set()
+            # A pinned item is the merchant's: never sold as an ad.
+            exclude = set(shown) if listing is not None else {ids[i] for _, i, _ in pins if i in ids}
             sold = await self._sell(runtime.bundle, cands, a.rows, a.scores, a.passes, a.organic_rank, slots, shown,
                                     exclude, user_key)
             taken = {s.row for s in sold}
-            hits = [h for h in hits if h.row not in taken] if listing is None else hits
+            if listing is None and taken:
+                hits = repin([h for h in hits if h.row not in taken], pins, ids)
         if listing is None:
             hits = hits[:k]
         response = pb.SearchResponse(
@@ -678,6 +682,16 @@ def _attributes(attributes, f: str) -> dict[str, str]:
     return {_text_field(k, f"{f}.attributes key", MAX_FILTER_VALUE_CHARS, required=True):
             _text_field(v, f"{f}.attributes[{k}]", MAX_FILTER_VALUE_CHARS, required=False)
             for k, v in attributes.items()}
+
+
+def repin(hits: list[Hit], pins, ids: dict[str, int]) -> list[Hit]:
+    """Pinned items back at their positions after ad items left the list above them."""
+    for _rule_id, item_id, position in sorted(pins, key=lambda p: (p[2], p[0])):
+        at = next((j for j, h in enumerate(hits) if h.row == ids.get(item_id)), None)
+        if at is not None and at != position - 1:
+            hit = hits.pop(at)
+            hits.insert(min(position - 1, len(hits)), hit)
+    return hits
 
 
 def _prediction(p) -> "pb.CategoryPrediction":

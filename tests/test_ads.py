@@ -230,6 +230,23 @@ def test_sponsored_slots_pass_the_relevance_floor_and_leave_the_organic_list(sho
     pause_all(stub, pb)
 
 
+def test_ads_keep_merchandising_pins_in_place(shop, pb):
+    stub, _, _ = shop
+    pause_all(stub, pb)
+    base = organic(stub, pb)
+    stub.PutRules(pb.PutRulesRequest(rules=[pb.Rule(rule_id="ads-pin", query=DRILL,
+                                                    pin=pb.Pin(item_id=base[6], position=3))]), timeout=30)
+    try:
+        put(stub, pb, pb.Campaign(campaign_id="tops", advertiser="acme", item_ids=base[:2] + [base[6]], max_cpc=0.9,
+                                  daily_budget=50))
+        resp = stub.Search(pb.SearchRequest(query=DRILL, k=10, user_id="pin-user"), timeout=30)
+        assert resp.sponsored and base[6] not in {a.item.item_id for a in resp.sponsored}  # the merchant's pin
+        assert [it.item_id for it in resp.items][2] == base[6]  # still third, with an ad item gone from above it
+    finally:
+        stub.DeleteRules(pb.DeleteRulesRequest(rule_ids=["ads-pin"]), timeout=30)
+        pause_all(stub, pb)
+
+
 def test_category_and_audience_targeting(shop, pb):
     stub, _, _ = shop
     pause_all(stub, pb)
