@@ -237,6 +237,10 @@ class Replica:
             log.warning("rollout %s: bundle %s refused here: %s", rollout, path, exc)
             await self.store.vote(rollout, f"error: {exc}")
             return None
+        except Exception as exc:  # anything else still answers the vote: the fleet must not wait for a timeout
+            log.exception("rollout %s: bundle %s failed to load here", rollout, path)
+            await self.store.vote(rollout, f"error: {type(exc).__name__}: {exc}")
+            return None
         await self.store.vote(rollout, f"ok {runtime.version}")
         log.info("rollout %s: %s verified and warm, waiting for the fleet", rollout, runtime.version)
         return runtime
