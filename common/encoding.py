@@ -38,6 +38,7 @@ from common.cpu import cpu_supports_bf16
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 TRACED_DTYPES = ("float32", "bfloat16", "int8")  # CPU precisions run as a TorchScript graph
 
@@ -72,25 +73,61 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(device: str, requested: str = "auto") -> str:
+def resolve_dtype(device: str, requested: str = "auto", backend: str = "torch") -> str:
     """Pick the encoder precision for a device; refuse float16 on CPU (about 8x slower there).
 
-    auto: float16 on CUDA; on CPU bfloat16 where `cpu_supports_bf16()` (SEARCHREC_CPU_BF16 or the
-    CPU's flags), else float32. One precision for every batch size: a query's vector, and so its
+    auto: float16 on CUDA; with the onnx backend int8 (on any CPU kind); with torch on CPU bfloat16
+    where `cpu_supports_bf16()` (SEARCHREC_CPU_BF16 or the CPU's flags), else float32. A malformed
+    SEARCHREC_CPU_BF16 is an error whenever auto asks (whichever backend). One precision for every batch size: a query's vector, and so its
     answer, must not depend on which batch it shared (docs/cpu.md has the per-batch figures)."""
     if requested not in DTYPES:
         raise DeviceError(f"dtype must be one of {DTYPES}, got {requested!r}")
+    native_bf16 = None
+    if requested == "auto" and not device.startswith("cuda"):
+        try:
+            native_bf16 = cpu_supports_bf16()
+        except ValueError as exc:  # a malformed SEARCHREC_CPU_BF16: a start-up error, not a guess
+            raise DeviceError(str(exc)) from exc
+    if backend == "onnx":
+        from common.onnx_encoder import DEFAULT_DTYPE, ONNX_DTYPES
+
+        if requested == "auto":
+            return DEFAULT_DTYPE
+        if requested not in ONNX_DTYPES:
+            raise DeviceError(f"the onnx backend runs {' or '.join(ONNX_DTYPES)}, not {requested}")
+        return requested
     if requested == "auto":
         if device.startswith("cuda"):
             return "float16"
-        try:
-            return "bfloat16" if cpu_supports_bf16() else "float32"
-        except ValueError as exc:  # a malformed SEARCHREC_CPU_BF16: a start-up error, not a guess
-            raise DeviceError(str(exc)) from exc
+        return "bfloat16" if native_bf16 else "float32"
     if requested == "float16" and not device.startswith("cuda"):
         raise DeviceError("float16 is only used on CUDA; on CPU choose bfloat16, float32 or int8")
     if requested == "int8" and device.startswith("cuda"):
         raise DeviceError("int8 (dynamic quantization) is a CPU option; on CUDA choose float16 or float32")
+    return requested
+
+
+def resolve_backend(device: str, requested: str = "auto", dtype: str = "auto") -> str:
+    """Map auto|torch|onnx to the encoder's inference engine for a device and a requested precision.
+
+    auto: ONNX Runtime on CPU (docs/cpu.md: the fastest engine there that keeps quality) unless the
+    precision asked for is one only torch runs (bfloat16) or onnxruntime is not installed; torch on CUDA.
+    Asking for onnx where it cannot run is an error, not a fallback."""
+    from common import onnx_encoder
+
+    if requested not in BACKENDS:
+        raise DeviceError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "auto":
+        if device.startswith("cuda") or dtype in ("bfloat16", "float16") or not onnx_encoder.available():
+            return "torch"
+        return "onnx"
+    if requested == "onnx":
+        if device.startswith("cuda"):
+            raise DeviceError("--backend onnx runs on the CPU; on CUDA the encoder runs in torch (float16)")
+        if dtype not in ("auto", *onnx_encoder.ONNX_DTYPES):
+            raise DeviceError(f"--backend onnx runs {' or '.join(onnx_encoder.ONNX_DTYPES)}, not {dtype}")
+        if not onnx_encoder.available():
+            raise DeviceError("--backend onnx needs onnxruntime (pip install -r requirements.txt)")
     return requested
 
 
@@ -101,6 +138,10 @@ GRAPH_FORMAT = 1
 PROBE_TEXTS = ("graph cache probe: 20v cordless drill kit", "a padded batch of two")
 PROBE_ATOL = 1e-4
 GRAPH_CACHE_KEEP = 8  # graphs kept per cache folder (the most recently used); one per encoder and precision
+# torch.onnx.export keeps global state (two at once fail: "GLOBALS.in_onnx_export must be False"), and two
+# encoders of one process (in-process replicas, a swap while a classifier loads) would export the same
+# file twice: one at a time, and the second finds the first's file in the cache.
+_ONNX_LOCK = threading.Lock()
 
 
 def weight_digests(model_dir: str | Path) -> dict[str, str]:
@@ -150,10 +191,16 @@ class TextEncoder:
         trace: bool = False,
         graph_cache: str | Path | None = None,
         digests: dict[str, str] | None = None,
+        backend: str = "torch",
+        threads: int | None = None,
     ) -> None:
-        """`graph_cache`: a folder where traced graphs are kept and looked up (None = trace every time).
-        `digests`: the sha256 of config.json and model.safetensors when the caller has verified them
-        already (a bundle's manifest); otherwise they are computed from the files (~0.2 s)."""
+        """`graph_cache`: a folder where traced graphs (and ONNX exports) are kept and looked up (None =
+        trace/export every time). `digests`: the sha256 of config.json and model.safetensors when the
+        caller has verified them already (a bundle's manifest); otherwise they are computed from the
+        files (~0.2 s). `backend`: torch (eager or traced) or onnx (ONNX Runtime, CPU, float32/int8;
+        `threads` intra-op threads per call, default torch's current setting)."""
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.model_dir = Path(model_dir)
@@ -170,7 +217,13 @@ class TextEncoder:
         # Small batches pay ~8 ms of Python/module overhead per forward on this CPU (batch 1: 19 ms eager,
         # 13 ms traced, same outputs); a trace removes it. On CPU only (fp32, bf16, int8): CUDA runs eagerly.
         self.traced = None
-        if trace and device == "cpu" and dtype in TRACED_DTYPES:
+        self.backend = backend
+        self.onnx = None  # an OnnxGraph with backend onnx
+        if backend == "onnx":
+            if device != "cpu":
+                raise DeviceError("the onnx backend runs on the CPU")
+            self.onnx = self._onnx_graph(graph_cache, digests, threads or torch.get_num_threads())
+        elif trace and device == "cpu" and dtype in TRACED_DTYPES:
             self.traced = self._graph(graph_cache, digests)
         else:
             self._model = self._load_model()
@@ -182,22 +235,24 @@ class TextEncoder:
             self._model = self._load_model()
         return self._model
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self, dtype: str | None = None) -> torch.nn.Module:
+        """The eager model in `dtype` (default: the encoder's precision)."""
         from transformers import AutoModel
 
+        dtype = dtype or self.dtype
         # safetensors only: a pickled pytorch_model.bin is never loaded (no code runs from weight files).
         model = AutoModel.from_pretrained(self.model_dir, local_files_only=True, use_safetensors=True)
         model.eval()
         if int(model.config.hidden_size) != self.dims:
             raise ValueError(f"{self.model_dir}: model has {model.config.hidden_size}-d states, config.json {self.dims}")
-        if self.dtype == "float16":
+        if dtype == "float16":
             model = model.half()  # CUDA only (resolve_dtype enforces it)
-        if self.dtype == "bfloat16":
+        if dtype == "bfloat16":
             # Weights and activations in bf16, pooling in fp32 (_pool): the same math traced or eager, so a
             # cached graph can be checked against the eager model. Faster than autocast, which converts the
             # fp32 weights at every call (docs/cpu.md).
             model = model.to(torch.bfloat16)
-        if self.dtype == "int8":
+        if dtype == "int8":
             model = quantize_int8(model)
         return model.to(self.device)
 
@@ -214,6 +269,55 @@ class TextEncoder:
                                        return_tensors="pt")
                 ids, mask = batch["input_ids"], batch["attention_mask"]
         return ids.to(self.device), mask.to(self.device)
+
+    def _tokenize_np(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """int64 id and mask arrays (ONNX Runtime's inputs; no torch tensor on the way)."""
+        if not isinstance(self.tokenizer, Tokenizer):
+            ids, mask = self._tokenize(texts)
+            return ids.cpu().numpy(), mask.cpu().numpy()
+        with self._tokenizer_lock:
+            found = self.tokenizer.encode_batch(list(texts))
+        return (np.array([e.ids for e in found], dtype=np.int64),
+                np.array([e.attention_mask for e in found], dtype=np.int64))
+
+    def _onnx_graph(self, cache: str | Path | None, digests: dict[str, str] | None, threads: int):
+        """The ONNX Runtime session: from the cache when a valid file is there, else exported (and cached)."""
+        with _ONNX_LOCK:
+            return self._onnx_graph_locked(cache, digests, threads)
+
+    def _onnx_graph_locked(self, cache: str | Path | None, digests: dict[str, str] | None, threads: int):
+        from common import onnx_encoder
+
+        probe = self._tokenize_np(PROBE_TEXTS)
+        key = onnx_encoder.cache_key(digests or weight_digests(self.model_dir), self.dtype, self.pooling, self.normalize)
+        if cache is not None:
+            path = Path(cache) / f"encoder-{key}.onnx"
+            if path.is_file():
+                try:
+                    graph = onnx_encoder.load(path, probe, threads)
+                    self.graph_source = "cache"
+                    log.info("encoder ONNX graph (%s) loaded from cache %s", self.dtype, path)
+                    return graph
+                except Exception as exc:  # onnxruntime raises its own types for a bad file
+                    log.warning("encoder ONNX cache %s is unusable (%s); exporting the model again", path, exc)
+        # Exported from the fp32 model whatever the precision (int8 is quantized from the fp32 graph),
+        # and checked against its vectors.
+        model = self._load_model("float32")
+        with torch.inference_mode():
+            ids, mask = (torch.from_numpy(a) for a in probe)
+            eager = self._pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        args = (model, probe, eager, self.dtype, self.pooling, self.normalize)
+        self.graph_source = "exported"
+        if cache is not None:
+            try:
+                graph = onnx_encoder.build(*args, path, threads)
+                log.info("encoder exported to ONNX (%s) and cached in %s", self.dtype, path)
+                return graph
+            except OSError as exc:  # a read-only or full cache costs the next start an export, nothing more
+                log.warning("encoder ONNX graph not cached (%s: %s)", type(exc).__name__, exc)
+        # No cache: the session holds the model once created, so the file goes with its folder.
+        with tempfile.TemporaryDirectory(prefix="searchrec-onnx-") as tmp:
+            return onnx_encoder.build(*args, Path(tmp) / f"encoder-{key}.onnx", threads)
 
     def _trace(self):
         class _Hidden(torch.nn.Module):
@@ -308,6 +412,14 @@ class TextEncoder:
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        if self.onnx is not None:
+            if self.dtype == "int8":
+                # Dynamic quantization scales activations per call, over the whole batch (padding
+                # included): one text per call keeps a query's vector, and so its answer, independent of
+                # which batch it shared. It costs nothing measurable here (0.48 ms a query alone, 0.44
+                # inside a padded batch of 32), and no padding is computed.
+                return np.concatenate([self.onnx.run(*self._tokenize_np([t])) for t in texts])
+            return self.onnx.run(*self._tokenize_np(texts))
         ids, mask = self._tokenize(texts)
         if self.traced is not None:
             hidden = self.traced(ids, mask)

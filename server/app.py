@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.encoding import resolve_device, resolve_dtype
+from common.encoding import resolve_backend, resolve_device, resolve_dtype
 from server import IMPORTED_AT
 from server.ads.tokens import AuctionTokens
 from server.access import Gatekeeper, Pseudonymiser, load_tokens, server_credentials
@@ -34,10 +35,12 @@ class SearchrecServer:
     """A running searchrec server: the grpc.aio server plus what it serves."""
 
     def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        # Fails fast (DeviceError) when cuda is asked for and absent: never a silent fallback.
+        # Fails fast (DeviceError) when cuda is asked for and absent, or onnx where it cannot run: never
+        # a silent fallback. The config carries the resolved engine from here on (runtimes and swaps use it).
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(self.device, config.dtype)
+        config = replace(config, backend=resolve_backend(self.device, config.backend, config.dtype))
+        self.config = config
+        self.dtype = resolve_dtype(self.device, config.dtype, config.backend)
         # Batches run off the event loop on `workers` compute threads (several at once: see
         # ServerConfig.compute_workers); loading has its own thread.
         self.workers, self.torch_threads = compute_plan(config)
@@ -59,8 +62,8 @@ class SearchrecServer:
     async def start(self) -> int:
         started = time.monotonic()
         cpu = self.holder.cpu
-        log.info("device %s, dtype %s; %d compute thread(s), %d torch thread(s); CPU %s, native bf16 %s (%s), flags %s",
-                 self.device, self.dtype, self.workers, self.torch_threads, cpu["cpu_model"] or "unknown",
+        log.info("device %s, encoder %s/%s; %d compute thread(s), %d torch thread(s); CPU %s, native bf16 %s (%s), flags %s",
+                 self.device, self.config.backend, self.dtype, self.workers, self.torch_threads, cpu["cpu_model"] or "unknown",
                  "yes" if cpu["native_bf16"] else "no", cpu["native_bf16_source"], " ".join(cpu["cpu_flags"]) or "-")
         store = self.holder.store
         bundle = self.config.bundle

@@ -1,11 +1,15 @@
 """A model-agnostic dynamic batcher for asyncio servers.
 
-Callers `submit` one item and await its result; a worker task gathers up to `max_batch_size` items
-(waiting at most `max_delay_ms` after the first one arrived), drops work whose caller has gone
+Callers `submit` one item and await its result; a worker task gathers up to `max_batch_size` items,
+drops work whose caller has gone
 (cancelled) or whose deadline has passed (never computed), runs the batch function in an executor
 thread so the event loop keeps accepting, and hands each caller its own result. Up to `concurrency`
 batches run at once (one per compute thread); the next batch is formed only when a slot is free, so
-under load the queue fills the batch instead of splitting it. A batch that fails
+under load the queue fills the batch instead of splitting it. When a slot is free the batch closes at
+once with whatever is queued (as Triton's and TEI's schedulers do): waiting `max_delay_ms` for company
+while a core sits idle only adds latency, and while every slot is busy the queue fills by itself.
+`idle_wait=True` restores the older rule (a batch waits up to `max_delay_ms` after its first item even
+when a slot is free), kept for comparisons. A batch that fails
 fails only its own callers. The queue is bounded: a full queue is rejected at once (`Overloaded`), and so is a call whose deadline
 would pass while it waits behind the queue (estimated from the recent batch compute time and the
 event loop's lag).
@@ -95,6 +99,7 @@ class DynamicBatcher(Generic[T, R]):
         lag: "LoopLag | None" = None,
         admit_fraction: float = 1.0,
         concurrency: int = 1,
+        idle_wait: bool = False,
     ) -> None:
         if not callable(fn):
             raise TypeError("fn must be callable")
@@ -122,6 +127,7 @@ class DynamicBatcher(Generic[T, R]):
         self._closing = False
         self._worker: asyncio.Task | None = None
         self.concurrency = concurrency
+        self.idle_wait = idle_wait
         self._inflight = 0  # batches being computed
         self.max_inflight = 0  # the most batches computed at once so far
         # Moving average of one batch's compute time. Per batch, not per request: under overload batches
@@ -189,14 +195,15 @@ class DynamicBatcher(Generic[T, R]):
             await self._worker
 
     async def _next_batch(self) -> list[_Entry]:
-        """Wait for work, then for a full batch or the first item's delay to run out."""
+        """Wait for work (called holding a free compute slot), then take what is queued at once; with
+        `idle_wait`, first wait for a full batch or the first item's delay to run out."""
         while not self._queue:
             if self._closing:
                 return []
             self._wakeup.clear()
             await self._wakeup.wait()
         close_at = self._queue[0].enqueued + self.max_delay_s
-        while len(self._queue) < self.max_batch_size and not self._closing:
+        while self.idle_wait and len(self._queue) < self.max_batch_size and not self._closing:
             remaining = close_at - time.monotonic()
             if remaining <= 0:
                 break

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cpu import available_cores
-from common.encoding import DTYPES
+from common.encoding import BACKENDS, DTYPES
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 1000
@@ -28,8 +28,10 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (cuda only) | int8 (cpu only)
+    backend: str = "auto"  # auto | torch | onnx: the encoder's inference engine (auto: onnx on CPU)
     max_batch_size: int = 32
-    max_delay_ms: float = 2.0
+    max_delay_ms: float = 2.0  # only with batch_idle_wait: a free compute slot otherwise takes the queue at once
+    batch_idle_wait: bool = False  # the old rule: a batch waits max_delay_ms for company even when a slot is free
     max_queue: int = 64  # per batcher; deeper queues only add waiting (deadline-aware admission refuses early anyway)
     candidates: int = 100  # dense and lexical candidates per query before reranking
     exact_filter_max: int = 4096  # filtered subsets this small are searched exactly
@@ -197,10 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(_env("port", d.port)), help="0 = pick a free port")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("device", d.device))
     p.add_argument("--dtype", choices=DTYPES, default=_env("dtype", d.dtype),
-                   help="encoder precision: auto (float16 on CUDA, bfloat16 on CPUs with native bf16, else float32), "
-                        "or int8 on CPU (dynamic quantization: faster queries, slightly different vectors)")
+                   help="encoder precision: auto (float16 on CUDA; int8 with the onnx backend; with torch on CPU bfloat16 "
+                        "where bf16 is native, else float32), float32, bfloat16 (torch only) or int8 (CPU)")
+    p.add_argument("--backend", choices=BACKENDS, default=_env("backend", d.backend),
+                   help="the encoder's inference engine: auto (ONNX Runtime on CPU, int8 unless --dtype says "
+                        "float32; torch on CUDA or for --dtype bfloat16), torch (eager/TorchScript) or onnx")
     p.add_argument("--max-batch-size", type=int, default=int(_env("max_batch_size", d.max_batch_size)))
-    p.add_argument("--max-delay-ms", type=float, default=float(_env("max_delay_ms", d.max_delay_ms)))
+    p.add_argument("--max-delay-ms", type=float, default=float(_env("max_delay_ms", d.max_delay_ms)),
+                   help="with --batch-idle-wait: how long a batch waits for company after its first request")
+    p.add_argument("--batch-idle-wait", action="store_true", default=_env("batch_idle_wait", "") in ("1", "true"),
+                   help="wait --max-delay-ms for company even when a compute slot is free (the old rule; by "
+                        "default a free slot takes what is queued at once, and batches fill while slots are busy)")
     p.add_argument("--max-queue", type=int, default=int(_env("max_queue", d.max_queue)))
     p.add_argument("--candidates", type=int, default=int(_env("candidates", d.candidates)))
     p.add_argument("--exact-filter-max", type=int, default=int(_env("exact_filter_max", d.exact_filter_max)))

@@ -129,6 +129,7 @@ class _StateCollector:
         yield GaugeMetricFamily("searchrec_items", "items being served (live deletions excluded)", value=alive)
         info = InfoMetricFamily("searchrec_bundle", "the bundle being served and where")
         info.add_metric([], {"version": bundle.version, "device": h.device, "dtype": h.dtype,
+                             "backend": runtime.encoder.backend,
                              "native_bf16": str(h.cpu["native_bf16"]).lower(),
                              "index_type": bundle.index_type, "recommender": str(bundle.rec is not None).lower(),
                              "classifier": str(runtime.classifier is not None).lower()})

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from common.cpu import cpu_kind
-from common.encoding import TextEncoder
+from common.encoding import TextEncoder, resolve_backend
 from common.suggest import phrase_rows, top_category
 from server.ads.serving import AdServer
 from server.ads.tokens import AuctionTokens
 from server.batcher import BatcherStats, DynamicBatcher, LoopLag
 from server.classify import ServedClassifier
 from server.bundle import Bundle, BundleError, load_bundle
-from server.config import ServerConfig
+from server.config import ServerConfig, compute_plan
 from server.engine import SearchEngine
 from server.errors import FailedPrecondition
 from server.listing import PageTokens
@@ -263,7 +263,8 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     enc = bundle.encoder
     encoder = TextEncoder(bundle.encoder_dir, device=device, dtype=dtype, max_length=int(enc.get("max_length", 128)),
                           pooling=enc.get("pooling", "mean"), normalize=bool(enc.get("normalize", True)),
-                          trace=config.encoder_trace, graph_cache=config.encoder_cache, digests=encoder_digests(bundle))
+                          trace=config.encoder_trace, graph_cache=config.encoder_cache, digests=encoder_digests(bundle),
+                          backend=resolve_backend(device, config.backend, dtype), threads=compute_plan(config)[1])
     if encoder.dims != int(enc["dims"]):
         raise BundleError(f"{path}: encoder produces {encoder.dims}-d vectors, manifest says {enc['dims']}")
     counts = dict(live.item_counts) if live is not None else {}
@@ -287,7 +288,8 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
             runtime.classifier.warmup()
     name = bundle.version
     shared = dict(max_batch_size=config.max_batch_size, max_delay_ms=config.max_delay_ms, max_queue=config.max_queue,
-                  executor=executor, lag=lag, admit_fraction=config.admit_fraction, concurrency=workers)
+                  executor=executor, lag=lag, admit_fraction=config.admit_fraction, concurrency=workers,
+                  idle_wait=config.batch_idle_wait)
     runtime.batcher = DynamicBatcher(runtime._search, stats=stats, name=f"search[{name}]", **shared)
     if runtime.rec is not None:
         runtime.rec_batcher = DynamicBatcher(runtime._recommend, stats=rec_stats or BatcherStats(),
@@ -300,9 +302,9 @@ def build_runtime(path: Path, config: ServerConfig, device: str, dtype: str,
     small = "none" if bundle.scan_index is None else (
         f"{type(bundle.scan_index).__name__} up to {bundle.scan_batch_max} queries")
     log.info("bundle %s ready in %.2fs: %d items, index %s (small batches: %s), recommender %s, classifier %s, "
-             "device %s/%s", bundle.version, time.perf_counter() - started, len(bundle.items), bundle.index_type,
+             "device %s/%s/%s", bundle.version, time.perf_counter() - started, len(bundle.items), bundle.index_type,
              small, "yes" if runtime.rec is not None else "no",
-             "yes" if runtime.classifier is not None else "no", device, dtype)
+             "yes" if runtime.classifier is not None else "no", device, encoder.backend, dtype)
     return runtime
 
 

@@ -353,6 +353,7 @@ class SearchRecommendService(StorefrontRpcs, AdsRpcs, pb_grpc.SearchRecommendSer
         fleet = await self.replica.fleet() if self.replica is not None else []
         return pb.GetInfoResponse(
             bundle_version=b.version, bundle_path=str(b.path), device=self.holder.device, dtype=self.holder.dtype,
+            backend=runtime.encoder.backend,
             index_type=b.index_type, index_size=int(b.index.ntotal), item_count=len(b.items),
             dims=int(b.encoder["dims"]), encoder=str(b.encoder.get("name", "")), features=list(b.reranker.features),
             schema_version=str(b.manifest["schema_version"]), uptime_s=time.monotonic() - self.started_at,

@@ -70,10 +70,63 @@ def test_batches_up_to_max_size_and_returns_each_callers_result():
     assert results[0].batch_size == len(fn.batches[0])
 
 
-def test_a_lone_request_runs_after_the_delay_without_waiting_for_a_full_batch():
+def test_a_free_slot_takes_a_lone_request_at_once_whatever_the_delay():
+    # Behaviour, not timing: with a one-minute delay, the old rule (wait for company while the slot is
+    # idle) could not answer inside the 30 s that run() allows.
     async def main():
         fn = Recorder()
-        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=20, max_queue=10)
+        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=60_000, max_queue=10)
+        result = await asyncio.wait_for(b.submit(7), 10)
+        await b.close()
+        return fn, result
+
+    fn, result = run(main())
+    assert result.value == 70 and fn.batches == [[7]] and result.batch_size == 1
+
+
+def test_requests_queued_while_every_slot_is_busy_form_the_next_batch():
+    async def main():
+        gate = threading.Event()
+        fn = Recorder(gate=gate)
+        with ThreadPoolExecutor(1) as pool:
+            b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=60_000, max_queue=10, executor=pool)
+            first = asyncio.ensure_future(b.submit(1))
+            await until(fn.started.is_set)  # the only slot is busy with [1]
+            rest = [asyncio.ensure_future(b.submit(i)) for i in (2, 3, 4)]
+            await until(lambda: b.queue_depth == 3)
+            gate.set()
+            results = await asyncio.gather(first, *rest)
+            await b.close()
+        return fn, results
+
+    fn, results = run(main())
+    assert fn.batches == [[1], [2, 3, 4]]
+    assert [r.batch_size for r in results] == [1, 3, 3, 3]
+
+
+def test_two_free_slots_compute_two_lone_requests_side_by_side():
+    async def main():
+        gate = threading.Event()
+        fn = Recorder(gate=gate)
+        with ThreadPoolExecutor(2) as pool:
+            b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=60_000, max_queue=10, executor=pool, concurrency=2)
+            first = asyncio.ensure_future(b.submit(1))
+            await until(lambda: b.in_flight == 1)
+            second = asyncio.ensure_future(b.submit(2))
+            await until(lambda: b.in_flight == 2)  # the second slot did not wait for company either
+            gate.set()
+            await asyncio.gather(first, second)
+            await b.close()
+        return fn, b
+
+    fn, b = run(main())
+    assert sorted(map(tuple, fn.batches)) == [(1,), (2,)] and b.max_inflight == 2
+
+
+def test_idle_wait_keeps_the_old_rule_a_lone_request_runs_after_the_delay():
+    async def main():
+        fn = Recorder()
+        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=20, max_queue=10, idle_wait=True)
         result = await b.submit(7)
         await b.close()
         return fn, result
@@ -82,10 +135,10 @@ def test_a_lone_request_runs_after_the_delay_without_waiting_for_a_full_batch():
     assert result.value == 70 and fn.batches == [[7]]
 
 
-def test_requests_arriving_within_the_delay_share_a_batch():
+def test_idle_wait_requests_arriving_within_the_delay_share_a_batch():
     async def main():
         fn = Recorder()
-        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=300, max_queue=10)
+        b = DynamicBatcher(fn, max_batch_size=64, max_delay_ms=300, max_queue=10, idle_wait=True)
         first = asyncio.ensure_future(b.submit(1))
         await asyncio.sleep(0.01)
         second = asyncio.ensure_future(b.submit(2))

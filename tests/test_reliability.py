@@ -35,8 +35,9 @@ def test_overload_admits_what_it_can_rejects_the_rest_and_recovers(sample_bundle
 
 @pytest.fixture
 def slow_batch_server(sample_bundle):
-    # Batches close only after 3 s unless 64 requests arrive: calls stay queued long enough to act on.
-    srv = ServerThread(make_config(sample_bundle, max_delay_ms=3000, max_batch_size=64)).start()
+    # Batches close only after 3 s unless 64 requests arrive (the idle-wait rule: by default a free compute
+    # slot would take a lone call at once): calls stay queued long enough to act on.
+    srv = ServerThread(make_config(sample_bundle, max_delay_ms=3000, max_batch_size=64, batch_idle_wait=True)).start()
     yield srv
     srv.stop()
 
@@ -98,7 +99,8 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(sample_bundle):
     from training.served import ServedBundle
 
     with ServedBundle(sample_bundle, device="cpu",
-                      extra_args=("--max-delay-ms", "1500", "--max-batch-size", "64", "--grace-s", "20")) as served:
+                      extra_args=("--max-delay-ms", "1500", "--batch-idle-wait", "--max-batch-size", "64",
+                                  "--grace-s", "20")) as served:
         statuses: list[int] = []
         watching = threading.Event()
 

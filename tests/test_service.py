@@ -185,27 +185,29 @@ def test_get_info(stub, pb):
 
     info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.bundle_version.startswith("sample-")
-    # The session's server runs --dtype auto: the default of the CPU kind this run treats it as
-    # (its flags, or SEARCHREC_CPU_BF16 / --cpu-kind); auto never picks int8.
+    # The session's server runs --backend auto --dtype auto: ONNX Runtime int8 on every CPU kind (the
+    # torch backend's per-kind default is test_startup's); native_bf16 still reports the kind.
     assert info.device == "cpu" and info.native_bf16 == cpu_supports_bf16()
-    assert info.dtype == ("bfloat16" if cpu_supports_bf16() else "float32")
+    assert (info.backend, info.dtype) == ("onnx", "int8")
     assert list(info.cpu_flags) == cpu_flags()
     assert info.index_type == "flat_ip" and info.index_size == 324 and info.item_count == 324
     assert info.dims == 384 and list(info.features)[0] == "dense"
     assert info.batcher.max_batch_size == 32 and info.batcher.max_queue > 0
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("int8", 0.1), ("bfloat16", 0.02)])
-def test_a_server_of_each_cpu_precision_reports_it_and_answers_like_fp32(sample_bundle, pb, dtype, tolerance):
-    # Each precision asked for explicitly (whatever this CPU's default), against an fp32 server.
+@pytest.mark.parametrize("dtype, backend, tolerance", [("int8", "onnx", 0.1), ("bfloat16", "torch", 0.02)])
+def test_a_server_of_each_cpu_precision_reports_it_and_answers_like_fp32(sample_bundle, pb, dtype, backend, tolerance):
+    # Each precision asked for explicitly (whatever this CPU's default), against a torch fp32 server;
+    # --backend auto picks the engine that runs it (bfloat16 runs only in torch).
     from server.stubs import pb_grpc
 
-    for s32 in serve(sample_bundle, dtype="float32"):
+    for s32 in serve(sample_bundle, dtype="float32", backend="torch"):
         for srv in serve(sample_bundle, dtype=dtype):
             with grpc.insecure_channel(srv.target) as ch, grpc.insecure_channel(s32.target) as ch32:
                 other, fp32 = pb_grpc.SearchRecommendStub(ch), pb_grpc.SearchRecommendStub(ch32)
-                assert other.GetInfo(pb.GetInfoRequest(), timeout=10).dtype == dtype
-                assert fp32.GetInfo(pb.GetInfoRequest(), timeout=10).dtype == "float32"
+                info, info32 = (s.GetInfo(pb.GetInfoRequest(), timeout=10) for s in (other, fp32))
+                assert (info.backend, info.dtype) == (backend, dtype)
+                assert (info32.backend, info32.dtype) == ("torch", "float32")
                 for q in ("cordless drill", "garden hose", "office chair"):
                     rq = {it.item_id: it.score for it in search(other, pb, q, k=5).items}
                     r32 = {it.item_id: it.score for it in search(fp32, pb, q, k=5).items}

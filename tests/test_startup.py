@@ -74,25 +74,40 @@ def _serve_once(sample_bundle, *args) -> tuple[str, list[str]]:
     return "".join(log), [it.item_id for it in resp.items]
 
 
-def test_a_restart_loads_the_encoder_graph_the_first_start_cached(sample_bundle, tmp_path, cpu_kind):
-    # Run as each CPU kind (cpu_kind sets SEARCHREC_CPU_BF16 for the server processes): the default
-    # precision is that kind's, and either precision is traced, cached and loaded again.
+def test_a_restart_loads_the_onnx_encoder_the_first_start_exported(sample_bundle, tmp_path):
+    # The CPU default on every kind: ONNX Runtime int8, exported and quantized on the first start,
+    # loaded from the cache (and checked against its probe vectors) on the next.
     cache = tmp_path / "graphs"
     first_log, first = _serve_once(sample_bundle, "--encoder-cache", str(cache))
-    assert f"device cpu, dtype {cpu_kind};" in first_log
-    assert "encoder_cache = " + str(cache) in first_log and "encoder graph traced and cached" in first_log
+    assert "device cpu, encoder onnx/int8;" in first_log
+    assert "encoder_cache = " + str(cache) in first_log and "encoder exported to ONNX (int8) and cached" in first_log
     again_log, again = _serve_once(sample_bundle, "--encoder-cache", str(cache))
-    assert "encoder graph loaded from cache" in again_log and f"device cpu, dtype {cpu_kind};" in again_log
+    assert "encoder ONNX graph (int8) loaded from cache" in again_log and "exported" not in again_log
+    assert again == first and len(first) == 5 and len(list(cache.glob("encoder-*.onnx"))) == 1
+
+
+def test_a_restart_loads_the_torch_graph_the_first_start_cached(sample_bundle, tmp_path, cpu_kind):
+    # --backend torch, run as each CPU kind (cpu_kind sets SEARCHREC_CPU_BF16 for the server processes):
+    # the default precision is that kind's, and either precision is traced, cached and loaded again.
+    cache = tmp_path / "graphs"
+    first_log, first = _serve_once(sample_bundle, "--encoder-cache", str(cache), "--backend", "torch")
+    assert f"device cpu, encoder torch/{cpu_kind};" in first_log
+    assert "encoder_cache = " + str(cache) in first_log and "encoder graph traced and cached" in first_log
+    again_log, again = _serve_once(sample_bundle, "--encoder-cache", str(cache), "--backend", "torch")
+    assert "encoder graph loaded from cache" in again_log and f"device cpu, encoder torch/{cpu_kind};" in again_log
     assert again == first and len(first) == 5
 
 
 def test_a_graph_is_cached_per_precision(sample_bundle, tmp_path):
-    # Each precision asked for explicitly: a graph of one is never served for the other.
+    # Each precision asked for explicitly: a graph of one is never served for the other (float32 and
+    # int8 run in ONNX Runtime under --backend auto, bfloat16 in torch).
     cache = tmp_path / "graphs"
-    for dtype in ("float32", "bfloat16"):
+    for dtype, engine, cached in (("float32", "onnx", "encoder exported to ONNX (float32) and cached"),
+                                  ("int8", "onnx", "encoder exported to ONNX (int8) and cached"),
+                                  ("bfloat16", "torch", "encoder graph traced and cached")):
         log, ids = _serve_once(sample_bundle, "--encoder-cache", str(cache), "--dtype", dtype)
-        assert f"dtype {dtype};" in log and "encoder graph traced and cached" in log and len(ids) == 5
-    assert len(list(cache.glob("encoder-*.pt"))) == 2
+        assert f"encoder {engine}/{dtype};" in log and cached in log and len(ids) == 5
+    assert len(list(cache.glob("encoder-*.onnx"))) == 2 and len(list(cache.glob("encoder-*.pt"))) == 1
 
 
 def test_a_malformed_cpu_override_is_a_startup_error(sample_bundle, monkeypatch):
@@ -102,9 +117,9 @@ def test_a_malformed_cpu_override_is_a_startup_error(sample_bundle, monkeypatch)
 
 
 def test_sigterm_shuts_down_gracefully(sample_bundle):
-    # _serve_once asks one Search, sends SIGTERM and requires exit status 0. No cache: traced, not kept.
+    # _serve_once asks one Search, sends SIGTERM and requires exit status 0. No cache: exported, not kept.
     log, ids = _serve_once(sample_bundle, "--encoder-cache", "none")
-    assert "encoder_cache = None" in log and "encoder graph" not in log and len(ids) == 5
+    assert "encoder_cache = None" in log and "and cached" not in log and "from cache" not in log and len(ids) == 5
 
 
 def test_encoder_cache_flag_defaults():

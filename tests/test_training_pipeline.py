@@ -129,7 +129,8 @@ def test_pipeline_writes_a_complete_evaluated_bundle(tiny_build):
 
 def test_the_build_runs_and_records_the_precision_of_its_cpu_kind(tiny_build):
     # --dtype auto: bf16 where this run treats the CPU as having native bf16 (--cpu-kind, SEARCHREC_CPU_BF16
-    # or its flags), fp32 elsewhere -- for fine-tuning, the catalog vectors and the evaluated server alike.
+    # or its flags), fp32 elsewhere -- for fine-tuning and the catalog vectors. The evaluated server runs
+    # the serving default, ONNX Runtime int8 on either kind, and says so.
     from common.cpu import cpu_flags, cpu_supports_bf16
 
     manifest = json.loads((tiny_build / "manifest.json").read_text())
@@ -138,7 +139,7 @@ def test_the_build_runs_and_records_the_precision_of_its_cpu_kind(tiny_build):
     encoded = manifest["encoder"]["catalog_encoding"]
     assert (encoded["dtype"], encoded["native_bf16"], encoded["cpu_flags"]) == (dtype, cpu_supports_bf16(), cpu_flags())
     served = manifest["metrics"]["test"]["bundle"]
-    assert (served["dtype"], served["cpu_flags"]) == (dtype, cpu_flags())
+    assert (served["backend"], served["dtype"], served["cpu_flags"]) == ("onnx", "int8", cpu_flags())
 
 
 @pytest.mark.parametrize("dtype, bf16", [("float32", False), ("bfloat16", True)])

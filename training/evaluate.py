@@ -210,8 +210,9 @@ def evaluate_search(bundle: Path, judgments: Path, *, pretrained: Path, device: 
         results["bundle"]["startup_s"] = served.startup_s
         results["bundle"]["server_args"] = list(server_args)
         info = served.info()
-        # Which precision served, on which CPU kind: figures from CPUs with and without native bf16 differ.
-        results["bundle"].update(device=info.device, dtype=info.dtype, native_bf16=info.native_bf16,
+        # Which engine and precision served, on which CPU kind: figures from CPUs with and without native bf16
+        # (and from one engine and another) differ.
+        results["bundle"].update(device=info.device, backend=info.backend, dtype=info.dtype, native_bf16=info.native_bf16,
                                  cpu_flags=list(info.cpu_flags))
 
     encoder = TextEncoder(pretrained, device=device, dtype="float32")
