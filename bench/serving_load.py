@@ -1,8 +1,13 @@
 """Benchmarks 2-4: the in-process limit (encode + retrieve + rerank in a tight loop at the best batch
-size, no gRPC), the served system under closed-loop gRPC clients at rising concurrency, and dynamic
+size, no gRPC), the served system under closed-loop gRPC clients at rising concurrency -- with today's
+defaults and with the old ones (`--backend torch --batch-idle-wait`) in the same run -- and dynamic
 batching on vs off (max batch 1) under the same load; plus start-up time and resident memory.
-Start-up is timed twice: the first server fills a fresh encoder graph cache (a first start), the
-second reads it (every later start).
+Start-up is timed twice: the first server fills a fresh encoder cache (a first start: ONNX export or
+trace), a later one reads it (every later start).
+
+Keys: `overhead_ms` = served p50 at one client minus the in-process p50 of one query through the same
+engine (same bundle, same compute-thread layout, same run); `served_qps_p99_50ms` = the most q/s of the
+sweep whose p99 stays within 50 ms; `served_qps_gain` = that figure over the old defaults' one.
 
     python bench/serving_load.py [--bundle DIR] [--quick] [--dtype int8] [--server-args "--compute-workers 1"] [--json OUT]
 
@@ -45,15 +50,18 @@ def queries(bundle_dir: Path, n: int = 2000, split: str = "rerank") -> list[str]
     return [" ".join(t.split()[:3]) for t in titles][:n]
 
 
-def search_engine(bundle_dir: Path, device: str = "cpu", dtype: str = "auto"):
+def search_engine(bundle_dir: Path, device: str = "cpu", dtype: str = "auto", backend: str = "auto",
+                  threads: int | None = None):
     """The server's SearchEngine over a bundle, warmed, without gRPC (encoder as the server builds it)."""
-    from common.encoding import TextEncoder, resolve_dtype
+    from common.encoding import TextEncoder, resolve_backend, resolve_dtype
     from server.bundle import load_bundle
     from server.config import ServerConfig
     from server.engine import SearchEngine
 
     bundle = load_bundle(bundle_dir)
-    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, dtype), trace=True)  # as served
+    backend = resolve_backend(device, backend, dtype)
+    enc = TextEncoder(bundle.encoder_dir, device=device, dtype=resolve_dtype(device, dtype, backend), trace=True,
+                      backend=backend, threads=threads)  # as served
     engine = SearchEngine(bundle, enc, ServerConfig(bundle=bundle_dir, warmup=False))
     engine.warmup()
     return engine
@@ -113,6 +121,36 @@ def in_process(bundle_dir: Path, qs: list[str], sizes=(8, 16, 32, 64), seconds: 
     return {"rows": rows, "best_batch": best["batch"], "best_threads": best["threads"], "limit_qps": best["queries_per_s"]}
 
 
+def one_query(bundle_dir: Path, qs: list[str], n: int = 400, device: str = "cpu", dtype: str = "auto") -> dict:
+    """In-process latency of one query at a time (engine.search_batch of one, k = 10) with the server's
+    per-compute-thread layout: what a served call at one client costs before gRPC, batching and replies."""
+    import torch
+
+    from server.config import ServerConfig, compute_plan
+    from server.runtime import use_threads
+    from server.types import SearchQuery
+
+    threads = compute_plan(ServerConfig(bundle=Path(".")))[1]
+    before = torch.get_num_threads()
+    use_threads(threads)
+    engine = search_engine(bundle_dir, device, dtype, threads=threads)
+    for q in qs[:20]:
+        engine.search_batch([SearchQuery(text=q, k=10)])
+    times = []
+    for q in qs[:n]:
+        t0 = time.perf_counter()
+        engine.search_batch([SearchQuery(text=q, k=10)])
+        times.append(time.perf_counter() - t0)
+    use_threads(before)
+    return {"queries": len(times), "torch_threads": threads, "p50_ms": 1000 * float(np.median(times)),
+            "p99_ms": 1000 * float(np.percentile(times, 99)), "backend": engine.encoder.backend,
+            "dtype": engine.encoder.dtype}
+
+
+# The serving defaults before the onnx backend and the idle-slot batching rule (served_qps_gain's baseline).
+OLD_DEFAULTS = ("--backend", "torch", "--batch-idle-wait")
+
+
 def closed_loop(stub, pb, qs: list[str], clients: int, seconds: float) -> dict:
     """`clients` closed-loop Search callers over qs for `seconds`."""
     return run_closed_loop(lambda i: stub.Search(pb.SearchRequest(query=qs[i], k=10), timeout=10), len(qs), clients,
@@ -143,48 +181,70 @@ def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), de
         rows = [_measured(lambda: closed_loop(srv.stub, pb, qs, c, seconds), srv.proc.pid) for c in levels]
         rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
         info = srv.info()  # the precision the server resolved (auto differs between CPU kinds)
-        return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows, "served_dtype": info.dtype}
+        return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows, "served_dtype": info.dtype,
+                "backend": info.backend, "server_args": list(extra)}
+
+
+def best_under(rows: list[dict], p99_ms: float = 50.0) -> float:
+    """The highest q/s of a sweep among the levels whose p99 stays within p99_ms (0 when none does)."""
+    ok = [r["qps"] for r in rows if r["p99_ms"] <= p99_ms]
+    return max(ok) if ok else 0.0
 
 
 def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str = "auto",
         server_args: tuple[str, ...] = ()) -> dict:
-    """In-process limit, served sweep and batching on/off, all with one encoder precision; server_args
-    go to both served servers (e.g. ("--compute-workers", "1") for the one-thread layout)."""
+    """In-process limit, one query in process, the served sweep with today's defaults and with the old
+    ones (torch encoder, a batch waiting for company while a slot idles), and batching on/off, all in one
+    run; server_args go to every served server (e.g. ("--compute-workers", "1") for the one-thread layout)."""
     qs = queries(bundle_dir)
     secs = 4.0 if quick else 10.0
     limit = in_process(bundle_dir, qs, (4, 8, 16, 32, 64), seconds=secs, device=device,
                        dtype=dtype)
+    single = one_query(bundle_dir, qs, 200 if quick else 400, device, dtype)
     levels = (1, 2, 4, 8, 16, 32) if quick else (1, 2, 4, 8, 16, 32, 64)
-    # A fresh graph cache: the first server traces the encoder and keeps the graph (a first start), the
-    # second loads it (every later start, restarts and hot swaps to the same encoder).
+    # A fresh encoder cache: the first server exports (or traces) the encoder and keeps it (a first
+    # start), the later ones load it (every later start, restarts and hot swaps to the same encoder).
     cache = tempfile.mkdtemp(prefix="searchrec-bench-graphs-")
     args = (*server_args, "--encoder-cache", cache)
     on = served(bundle_dir, qs, levels, secs, extra=args, device=device, dtype=dtype)
-    ok = [r for r in on["rows"] if r["p99_ms"] <= 50.0]
-    best = max(ok, key=lambda r: r["qps"]) if ok else None
+    old = served(bundle_dir, qs, levels, secs, extra=(*args, *OLD_DEFAULTS), device=device, dtype=dtype)
     off = served(bundle_dir, qs, (32,), secs, extra=(*args, "--max-batch-size", "1"), device=device, dtype=dtype)
     shutil.rmtree(cache, ignore_errors=True)
     on32 = next(r for r in on["rows"] if r["clients"] == 32)
+    on1 = next(r for r in on["rows"] if r["clients"] == 1)
     off32 = off["rows"][0]
+    best, best_old = best_under(on["rows"]), best_under(old["rows"])
     return {
         "bundle": str(bundle_dir), "device": device, "dtype": dtype, "served_dtype": on["served_dtype"],
-        "server_args": list(server_args), "queries": len(qs), "in_process": limit, "served": on, "unbatched_32": off32,
-        "served_qps_p99_50ms": best["qps"] if best else 0.0,
-        "served_over_inprocess": (best["qps"] if best else 0.0) / limit["limit_qps"],
+        "backend": on["backend"], "server_args": list(server_args), "queries": len(qs), "in_process": limit,
+        "one_query": single, "served": on, "served_old_defaults": old, "old_defaults": list(OLD_DEFAULTS),
+        "unbatched_32": off32,
+        "served_qps_p99_50ms": best, "served_qps_p99_50ms_old": best_old,
+        "served_qps_gain": best / best_old if best_old else float("nan"),
+        "overhead_ms": on1["p50_ms"] - single["p50_ms"], "served_p50_1_ms": on1["p50_ms"],
+        "inprocess_p50_1_ms": single["p50_ms"],
+        "served_over_inprocess": best / limit["limit_qps"],
         "batching_gain": on32["qps"] / off32["qps"], "batching_p99_ms": on32["p99_ms"], "unbatched_p99_ms": off32["p99_ms"],
         "startup_s": off["startup_s"], "startup_first_s": on["startup_s"], "rss_mb": on["rss_mb"],
     }
 
 
 def report(res: dict) -> str:
-    lines = [f"encoder precision {res['served_dtype']} (--dtype {res['dtype']})",
+    lines = [f"encoder {res['backend']} {res['served_dtype']} (--dtype {res['dtype']})",
              f"in-process limit ({res['queries']} queries; encode + retrieve + rerank, no gRPC):",
              table(res["in_process"]["rows"], ["threads", "torch_threads", "batch", "queries_per_s", "ms_per_batch"]),
              "", "served, closed-loop gRPC Search clients (dynamic batching on):",
              table(res["served"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]),
+             "", f"the same with the old defaults ({' '.join(res['old_defaults'])}: encoder "
+             f"{res['served_old_defaults']['backend']} {res['served_old_defaults']['served_dtype']}):",
+             table(res["served_old_defaults"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors",
+                                                        "server_cpu", "client_cpu"]),
              "", "32 clients, batching off (max batch 1):",
              table([res["unbatched_32"]], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]), "",
-             f"served_qps_p99_50ms {res['served_qps_p99_50ms']:.1f}; served_over_inprocess {res['served_over_inprocess']:.2f}; "
+             f"one query in process: p50 {res['inprocess_p50_1_ms']:.2f} ms; served at one client p50 "
+             f"{res['served_p50_1_ms']:.2f} ms: overhead_ms {res['overhead_ms']:.2f}",
+             f"served_qps_p99_50ms {res['served_qps_p99_50ms']:.1f} (old defaults {res['served_qps_p99_50ms_old']:.1f}: "
+             f"served_qps_gain {res['served_qps_gain']:.2f}x); served_over_inprocess {res['served_over_inprocess']:.2f}; "
              f"batching_gain {res['batching_gain']:.2f}x (p99 {res['batching_p99_ms']:.0f} vs {res['unbatched_p99_ms']:.0f} ms); "
              f"startup_s {res['startup_s']:.1f} (encoder graph cached; first start, tracing it: "
              f"{res['startup_first_s']:.1f}); rss_mb {res['rss_mb']:.0f}"]
