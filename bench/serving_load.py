@@ -246,7 +246,7 @@ def report(res: dict) -> str:
              f"served_qps_p99_50ms {res['served_qps_p99_50ms']:.1f} (old defaults {res['served_qps_p99_50ms_old']:.1f}: "
              f"served_qps_gain {res['served_qps_gain']:.2f}x); served_over_inprocess {res['served_over_inprocess']:.2f}; "
              f"batching_gain {res['batching_gain']:.2f}x (p99 {res['batching_p99_ms']:.0f} vs {res['unbatched_p99_ms']:.0f} ms); "
-             f"startup_s {res['startup_s']:.1f} (encoder graph cached; first start, tracing it: "
+             f"startup_s {res['startup_s']:.1f} (encoder graph cached; first start, exporting it: "
              f"{res['startup_first_s']:.1f}); rss_mb {res['rss_mb']:.0f}"]
     return "\n".join(lines)
 
