@@ -144,6 +144,27 @@ GRAPH_CACHE_KEEP = 8  # graphs kept per cache folder (the most recently used); o
 _ONNX_LOCK = threading.Lock()
 
 
+def prune_cache(folder: Path, pattern: str) -> None:
+    """Delete the files of `pattern` in `folder` beyond the GRAPH_CACHE_KEEP most recently used (by mtime)."""
+    kept = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[GRAPH_CACHE_KEEP:]:
+        old.unlink(missing_ok=True)
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """Sentence vectors from the last hidden states, in fp32: attention-masked mean or CLS, optionally L2
+    normalised. The eager encoder and the ONNX export (which puts it inside the graph) both use this."""
+    hidden = hidden.float()
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return pooled
+
+
 def weight_digests(model_dir: str | Path) -> dict[str, str]:
     """sha256 of the files that define the encoder's computation (its config and weights)."""
     return {name: sha256_file(Path(model_dir) / name) for name in ("config.json", "model.safetensors")}
@@ -395,19 +416,10 @@ class TextEncoder:
                 os.unlink(tmp)
         # One ~90 MB file per encoder and precision: a server that swaps in many fine-tuned bundles would
         # otherwise fill the disk. The least recently used beyond GRAPH_CACHE_KEEP go.
-        kept = sorted(path.parent.glob("encoder-*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in kept[GRAPH_CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
+        prune_cache(path.parent, "encoder-*.pt")
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        hidden = hidden.float()
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        pooled = pool_hidden(hidden, mask, self.pooling, self.normalize)
         return pooled.cpu().numpy().astype(np.float32, copy=False)
 
     @torch.inference_mode()

@@ -8,8 +8,8 @@ pooling): a later start, a hot swap to the same encoder, or another process load
 instead of exporting (~3 s here).
 
 Why ONNX Runtime: it is what CPU inference servers run. Its fused attention/GELU/LayerNorm kernels and
-its lean per-call path computed a MiniLM query at batch 1 in 2.0 ms fp32 and 0.5 ms int8 on this 2-core
-EPYC, against 4.6 ms for traced torch fp32 and 2.0 ms for traced torch bf16 (docs/cpu.md has the table).
+its lean per-call path computed a MiniLM query at batch 1 in 2.4 ms fp32 and 0.6 ms int8 on this 2-core
+EPYC, against 5.2 ms for traced torch fp32 and 2.7 ms for traced torch bf16 (docs/cpu.md has the table).
 
 A file is never served unless it computes the model's vectors: a new export is compared with the eager
 torch model on probe texts (fp32 to 1e-4; int8 to a cosine bound), and the probe's output is stored in
@@ -40,7 +40,6 @@ DEFAULT_DTYPE = "int8"  # --dtype auto with the onnx backend; docs/cpu.md has th
 FP32_ATOL = 1e-4
 INT8_MIN_COSINE = 0.95
 RELOAD_ATOL = 1e-4  # a cached file must give the probe vectors it gave when it was written
-KEEP = 8  # exported files kept per cache folder (the most recently used)
 
 
 def available() -> bool:
@@ -101,21 +100,16 @@ def cache_key(digests: dict[str, str], dtype: str, pooling: str, normalize: bool
 def _pooled_module(model, pooling: str, normalize: bool):
     import torch
 
+    from common.encoding import pool_hidden
+
     class Pooled(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, input_ids, attention_mask):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-            if pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return pooled
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return pool_hidden(hidden, attention_mask, pooling, normalize)
 
     return Pooled().eval()
 
@@ -190,10 +184,10 @@ def build(model, probe: tuple[np.ndarray, np.ndarray], eager: np.ndarray, dtype:
         _attach_meta(made, {"format": ONNX_FORMAT, "dtype": dtype, "probe": got.tolist()})
         # Renamed into place: a crash mid-export leaves no half file under the final name.
         os.replace(made, path)
+    from common.encoding import prune_cache
+
     graph = OnnxGraph(path, threads)
-    kept = sorted(path.parent.glob("encoder-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in kept[KEEP:]:
-        old.unlink(missing_ok=True)
+    prune_cache(path.parent, "encoder-*.onnx")  # the same least-recently-used rule as the traced graphs
     return graph
 
 
