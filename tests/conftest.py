@@ -35,7 +35,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    import tempfile
+
     from common.cpu import OVERRIDE_ENV, native_bf16_detected
+
+    # Builds in tests track their runs (TensorBoard events) in a folder of their own, not in the checkout's runs/.
+    os.environ.setdefault("SEARCHREC_RUNS", tempfile.mkdtemp(prefix="searchrec-runs-"))
 
     kind = config.getoption("--cpu-kind")
     if kind == "other":

@@ -256,6 +256,21 @@ def staged(out_dir: Path) -> Iterator[Path]:
         raise
 
 
+def encode_catalog(encoder: TextEncoder, items: pd.DataFrame, batch_size: int) -> np.ndarray:
+    """Every item's passage vector. In a data-parallel build each rank encodes its contiguous share of the
+    catalog and the shares are gathered in order, so every rank ends with the whole matrix."""
+    from training import distributed as D
+
+    passages = items.apply(passage_text, axis=1).tolist()
+    part = D.shard_range(len(passages))
+    mine = passages[part.start:part.stop]
+    with tqdm(total=len(mine), desc="encode", unit="item", disable=not D.current().main) as bar:
+        vectors = encoder.encode(mine, batch_size=batch_size, progress=bar.update) if mine else None
+    if vectors is None:
+        vectors = np.zeros((0, encoder.dims), np.float32)
+    return D.gather_rows(np.asarray(vectors, np.float32))
+
+
 def write_bundle(items: pd.DataFrame, out_dir: str | Path, opts: BuildOptions) -> dict[str, Any]:
     """Build a bundle for items into out_dir (which must not exist); returns the manifest."""
     with staged(Path(out_dir)) as tmp:
@@ -274,9 +289,7 @@ def _write_into(items: pd.DataFrame, root: Path, opts: BuildOptions) -> dict[str
     encoder = TextEncoder(
         root / bf.ENCODER_DIR, device=opts.device, dtype=opts.dtype, max_length=opts.max_length
     )
-    passages = items.apply(passage_text, axis=1).tolist()
-    with tqdm(total=len(passages), desc="encode", unit="item") as bar:
-        vectors = encoder.encode(passages, batch_size=opts.batch_size, progress=bar.update)
+    vectors = encode_catalog(encoder, items, opts.batch_size)
     np.save(root / bf.VECTORS_FILE, vectors.astype(np.float16))
     timings["encode_s"] = time.perf_counter() - t0
 

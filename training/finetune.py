@@ -155,7 +155,8 @@ def dev_ndcg(model, tokenizer, texts: list[str], dev: DevSet, cfg: FinetuneConfi
 
 def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, int]],
                      hard_negatives: dict[str, list[int]], positives: dict[str, set[int]], dev: DevSet,
-                     out_dir: Path, cfg: FinetuneConfig, device: str = "cpu", progress=None) -> FinetuneReport:
+                     out_dir: Path, cfg: FinetuneConfig, device: str = "cpu", progress=None,
+                     tracker=None) -> FinetuneReport:
     """Fine-tune the encoder at base_dir on (query, item row) pairs; saves the best model to out_dir."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -196,6 +197,8 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     started = clock["started"]
     best = dev_ndcg(model, tokenizer, texts, dev, cfg, device) if dev.queries else 0.0
+    if tracker is not None and dev.queries:
+        tracker.scalar("encoder/valid/dev_ndcg@10", best, 0)
     report.dev_ndcg_start = report.dev_ndcg_best = best
     report.history.append((0, best))
     best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -235,11 +238,17 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
         loss_value = loss.item()
         if progress is not None:
             progress(1, loss_value)
+        if tracker is not None:
+            tracker.scalar("encoder/train/loss", loss_value, step)
+            tracker.scalar("encoder/train/learning_rate", sched.get_last_lr()[0], step)
         elapsed = time.perf_counter() - started
         out_of_time = elapsed > cfg.max_minutes * 60
         if dev.queries and (step % cfg.eval_every == 0 or step == total or out_of_time):
             score = dev_ndcg(model, tokenizer, texts, dev, cfg, device)
             report.history.append((step, score))
+            if tracker is not None:
+                tracker.scalar("encoder/valid/dev_ndcg@10", score, step)
+                tracker.flush()
             log.info("step %d loss %.4f dev nDCG@10 %.4f", step, loss_value, score)
             if score > best:
                 best, report.best_step, bad_evals = score, step, 0

@@ -33,6 +33,7 @@ from training import data as D
 from training.bundle_writer import BuildOptions, build_lexical, passage_text, seal, similar_spec, write_bundle
 from training.finetune import DevSet, FinetuneConfig, finetune_encoder
 from training.reranker import TREES_FILE, StageSearcher, export_lightgbm, labels_for, train_lambdamart
+from training.tracking import NULL
 
 log = logging.getLogger(__name__)
 POSITIVE_AT = 2.33  # judgments at or above this are training positives
@@ -62,6 +63,7 @@ class Pipeline:
         self.inputs = inputs
         self.timings: dict[str, float] = {}
         self.notes: dict[str, Any] = {}
+        self.tracker = NULL  # the CLI sets rank 0's TensorBoard writer (training.tracking)
         cfg.work.mkdir(parents=True, exist_ok=True)
 
     # --- restartable steps ------------------------------------------------------------------
@@ -181,7 +183,8 @@ class Pipeline:
                 bar.set_postfix(loss=f"{loss:.3f}")
 
             report = finetune_encoder(self.cfg.pretrained, self.texts(items), pairs, negatives, positives, dev, out,
-                                      self.cfg.finetune, device=self.cfg.device, progress=progress)
+                                      self.cfg.finetune, device=self.cfg.device, progress=progress,
+                                      tracker=self.tracker)
         (out / "finetune_report.json").write_text(json.dumps(report.as_dict(), indent=2))
         return report.as_dict()
 
@@ -265,6 +268,10 @@ class Pipeline:
                 shutil.copy2(self.cfg.work / "evaluation.png", tmp / "evaluation.png")
                 manifest["metrics"] = {"test": results}
                 self.timings["evaluate"] = round(time.perf_counter() - t0, 1)
+                self.tracker.table("evaluation/search_test", {k: v for k, v in results.items() if k != "meta"})
+                for system, row in results.items():
+                    if isinstance(row, dict) and system != "meta":
+                        self.tracker.scalars(f"evaluation/{system}", row, 0)
             manifest["timings"] = {**manifest.get("timings", {}), "pipeline_s": self.timings}
             version = manifest["bundle_version"]
             manifest = seal(tmp, manifest)
@@ -294,4 +301,5 @@ class Pipeline:
         t0 = time.perf_counter()
         manifest = self.assemble()
         self.timings["assemble"] = round(time.perf_counter() - t0, 1)
+        self.tracker.manifest(manifest)
         return manifest

@@ -31,6 +31,7 @@ from kernels.recfeatures import REC_FEATURE_NAMES
 from kernels import recfeatures as RK
 from training.behaviour import Behaviour, co_occurrence, leave_one_out, popularity, repeat_rate, temporal_split
 from training.recommender import SeqRecConfig, SeqSplit, train_seqrec
+from training.tracking import NULL, Tracker
 
 log = logging.getLogger(__name__)
 REPEATS_AT = 0.05  # a repeat rate above this means users do re-buy: keep history items recommendable
@@ -152,9 +153,14 @@ def fit_weights(offsets: np.ndarray, cand: np.ndarray, feats: np.ndarray, target
     return w, base, best
 
 
-def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | None, cfg: SeqRecConfig,
-                      text_vectors: np.ndarray | None, use_text: bool) -> dict[str, Any]:
-    """Train, fit the re-scoring weights, write the recommender files into root; return the manifest part."""
+def build_recommender(root: Path | None, b: Behaviour, split_kind: str, cutoff: int | None, cfg: SeqRecConfig,
+                      text_vectors: np.ndarray | None, use_text: bool, *, checkpoint: Path | None = None,
+                      tracker: Tracker = NULL, init_state: dict[str, torch.Tensor] | None = None,
+                      train_users: list[int] | None = None) -> dict[str, Any] | None:
+    """Train, fit the re-scoring weights, write the recommender files into root; return the manifest part.
+
+    Data-parallel: every rank calls this (training is collective); ranks other than 0 pass root=None and
+    return None after training, rank 0 fits the weights and writes the files."""
     started = time.perf_counter()
     split, served, served_times = _split(b, split_kind, cutoff)
     text = None
@@ -165,7 +171,11 @@ def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | N
     train_only = [[r - 1 for r in s] for s in split.train]
     rate = repeat_rate(train_only)
     allow_repeats = rate >= REPEATS_AT
-    model, report = train_seqrec(split, cfg, text=text, attrs=attrs, n_attrs=n_attrs, exclude_seen=not allow_repeats)
+    model, report = train_seqrec(split, cfg, text=text, attrs=attrs, n_attrs=n_attrs, exclude_seen=not allow_repeats,
+                                 train_users=train_users, init_state=init_state, checkpoint=checkpoint,
+                                 tracker=tracker)
+    if root is None:
+        return None
     with torch.no_grad():
         table = model.table().float().cpu()
     vectors = table[1:].numpy().astype(np.float32)
@@ -199,6 +209,8 @@ def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | N
     offsets, cand, feats = candidates_and_features(uv, vectors, hist, allow_repeats, FIT_CANDIDATES, fit_stats, cat, logp)
     weights, base, fitted = fit_weights(offsets, cand, feats, [fit_rel[u] for u in users], k_fit)
     log.info("re-scoring weights %s: valid ndcg@%d %.4f -> %.4f", np.round(weights, 4).tolist(), k_fit, base, fitted)
+    tracker.scalars("recommender/rescoring", {f"valid_ndcg@{k_fit}_model_only": base,
+                                              f"valid_ndcg@{k_fit}_rescored": fitted}, report["epochs_run"])
 
     # Files.
     state = {f"encoder.{k}": v.contiguous() for k, v in model.encoder.state_dict().items()}
@@ -208,7 +220,10 @@ def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | N
     np.save(root / bf.REC_VECTORS_FILE, vectors)
     pd.DataFrame({"user_id": b.users}).to_parquet(root / bf.REC_USERS_FILE, index=False)
     indptr, items = _csr(served)
-    np.savez(root / bf.REC_HISTORY_FILE, indptr=indptr, items=items)
+    extra = {}
+    if served_times is not None:  # unix seconds per history entry: an incremental update keeps the time decay
+        extra["times"] = np.fromiter((t for ts in served_times for t in ts), dtype=np.int64, count=int(indptr[-1]))
+    np.savez(root / bf.REC_HISTORY_FILE, indptr=indptr, items=items, **extra)
     stats = _stats(served, len(b.items), served_times)
     np.savez(root / bf.REC_STATS_FILE, **stats)
     cfg_d = asdict(cfg)
@@ -223,6 +238,11 @@ def build_recommender(root: Path, b: Behaviour, split_kind: str, cutoff: int | N
         "split": {"kind": split_kind, "cutoff": cutoff},
         "source": b.source, "user_count": len(b.users), "interactions": int(indptr[-1]),
         "training": {k: v for k, v in report.items() if k != "config"}, "config": cfg_d,
+        "world_size": report["world_size"], "effective_batch_size": report["effective_batch_size"],
+        "learning_rate": report["learning_rate"],
+        # The newest interaction the build read (unix s; None without times): `training update` takes the
+        # events logged after it.
+        "data_until": max((t[-1] for t in b.times if t), default=None) if b.times else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
 

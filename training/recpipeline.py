@@ -18,11 +18,13 @@ from typing import Any
 from common.bundle_format import sha256_file
 from common.eventlog import feedback_events
 from training.behaviour import Behaviour, add_events, load_beauty, load_interactions_csv, load_seqfile, prepare_online_retail
-from training.bundle_writer import BuildOptions, seal, write_bundle
+from common.encoding import TextEncoder
+from training.bundle_writer import BuildOptions, encode_catalog, seal, write_bundle
 from training.catalog import load_catalog
 from training.data import DataError
 from training.recbuild import build_recommender
 from training.recommender import SeqRecConfig
+from training.tracking import NULL, Tracker
 
 log = logging.getLogger(__name__)
 TEST_DAYS = 30  # Online Retail: the last month is the test period
@@ -69,13 +71,23 @@ def prepare_input(dataset: str | None, data_dir: Path, path: Path | None, catalo
     return inp
 
 
+def follow(inp: BehaviourInput, opts: BuildOptions, cfg: SeqRecConfig, checkpoint: Path | None) -> None:
+    """A data-parallel rank other than 0: the same collective steps as `build` (encode a share of the catalog,
+    train), writing nothing."""
+    encoder = TextEncoder(opts.encoder_dir, device=opts.device, dtype=opts.dtype, max_length=opts.max_length)
+    vectors = encode_catalog(encoder, inp.behaviour.items.reset_index(drop=True), opts.batch_size)
+    build_recommender(None, inp.behaviour, inp.split, inp.cutoff, cfg, vectors, inp.use_text, checkpoint=checkpoint)
+
+
 def build(inp: BehaviourInput, out: Path, opts: BuildOptions, cfg: SeqRecConfig, evaluate: bool,
-          device: str) -> dict[str, Any]:
-    """Write, evaluate and seal the bundle; it appears at `out` only when complete."""
+          device: str, checkpoint: Path | None = None, tracker: Tracker = NULL) -> dict[str, Any]:
+    """Write, evaluate and seal the bundle; it appears at `out` only when complete. `checkpoint`: the
+    recommender's epoch checkpoint (a build started again resumes from it; removed once the bundle is in place)."""
     if out.exists():
         raise FileExistsError(f"{out}: output directory already exists; choose a new path")
     b = inp.behaviour
-    opts.recommender = lambda root, vectors: build_recommender(root, b, inp.split, inp.cutoff, cfg, vectors, inp.use_text)
+    opts.recommender = lambda root, vectors: build_recommender(root, b, inp.split, inp.cutoff, cfg, vectors,
+                                                               inp.use_text, checkpoint=checkpoint, tracker=tracker)
     opts.data_fingerprints = inp.fingerprints
     opts.extra_manifest = {"data_report": b.report.as_dict()}
     tmp = out.parent / f".{out.name}.build-{os.getpid()}"
@@ -90,12 +102,19 @@ def build(inp: BehaviourInput, out: Path, opts: BuildOptions, cfg: SeqRecConfig,
             results = evaluate_recommend(tmp, b, device)
             print(format_table(results))
             manifest["metrics"] = {"recommend": results}
+            tracker.table("evaluation/recommend", {k: v for k, v in results.items() if k != "meta"})
+            for system, row in results.items():
+                if system in ("bundle", "popularity", "item_knn") and isinstance(row, dict):
+                    tracker.scalars(f"evaluation/{system}", row, 0)
             manifest["timings"]["evaluate_s"] = round(time.perf_counter() - t0, 1)
             manifest = seal(tmp, manifest)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tracker.manifest(manifest)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return manifest
 
 
