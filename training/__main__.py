@@ -12,6 +12,11 @@
     evaluate recommend --bundle DIR --dataset beauty|online_retail|seqfile [--path F] [--json OUT]
     build-classifier --data CSV --out DIR [--max-minutes M]   hierarchical product classifier bundle
     evaluate classify --bundle DIR --data CSV [--json OUT]    it vs a TF-IDF SVM and zero-shot, same rows
+    update --bundle OLD --events STATE_DIR|LOG|redis://.. --out NEW   warm-start the recommender on new events
+    compare RUN_A RUN_B                                  two tracked runs (runs/<name>-<time>) side by side
+
+Data-parallel: `torchrun --nproc-per-node N -m training build ...` (or `build ... --nproc-per-node N`, which
+calls torchrun); several machines: torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT.
 
 Exit status 0 on success; 2 with one clear message (file, row, problem) on bad input.
 """
@@ -66,6 +71,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="a malformed row: stop with its file and row (fail) or drop and count it (drop)")
 
 
+def _scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="train data-parallel in N processes on this machine (runs the same command under torchrun)")
+    p.add_argument("--runs", type=Path, default=Path(os.environ.get("SEARCHREC_RUNS", "runs")),
+                   help="TensorBoard runs folder: this build writes <runs>/<name>-<time> "
+                        "(default: $SEARCHREC_RUNS or runs)")
+    p.add_argument("--no-track", dest="track", action="store_false", help="write no TensorBoard events")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("full", "lora"), default="full", help="encoder fine-tuning method")
     p.add_argument("--max-minutes", type=float, default=9.0, help="fine-tuning time budget")
@@ -94,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     _train_args(build)
     _common(build)
     build.add_argument("--out", required=True, type=Path, help="bundle directory to create (must not exist)")
+    _scale_args(build)
     build.add_argument("--work", type=Path, default=None, help="work directory (default: <out>.work beside --out)")
     build.add_argument("--name", default=None, help="bundle name prefix for the version")
     build.add_argument("--batch-size-encode", type=int, default=64)
@@ -153,7 +168,95 @@ def _parser() -> argparse.ArgumentParser:
     sg.add_argument("--query-log", type=Path, required=True,
                     help="CSV with a query column (and an optional count)")
     sg.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
+    up = sub.add_parser("update", help="a new bundle version: the recommender warm-started on events logged since "
+                                       "the bundle was built")
+    up.add_argument("--bundle", type=Path, required=True, help="the bundle to start from (has a recommender)")
+    up.add_argument("--events", required=True,
+                    help="where the engine logged feedback: a server --state-dir, its events.log, or a fleet's "
+                         "redis://HOST:PORT/DB?prefix=PREFIX")
+    up.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
+    up.add_argument("--since", type=float, default=None,
+                    help="unix seconds: take events after this (default: the newest interaction the bundle was "
+                         "built from, else its build time)")
+    up.add_argument("--replay", type=float, default=1.0,
+                    help="untouched users trained alongside, per touched user (keeps what the model knew)")
+    up.add_argument("--epochs", type=int, default=20, help="most epochs (early stopping usually ends it)")
+    up.add_argument("--minutes", type=float, default=5.0, help="time budget")
+    up.add_argument("--lr", type=float, default=1e-3, help="learning rate (lower than a build's: a warm start)")
+    up.add_argument("--batch-size", type=int, default=256)
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--work", type=Path, default=None, help="checkpoint folder (default: <out>.work)")
+    up.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _scale_args(up)
+    cp = sub.add_parser("compare", help="two tracked runs' settings and metrics side by side")
+    cp.add_argument("run_a", help="run folder, or a run name (prefix) under --runs")
+    cp.add_argument("run_b")
+    cp.add_argument("--runs", type=Path, default=Path(os.environ.get("SEARCHREC_RUNS", "runs")))
     return parser
+
+
+def _tracker(args: argparse.Namespace, name: str):
+    """Rank 0's TensorBoard writer for this command (a no-op one elsewhere or with --no-track)."""
+    from training import distributed as D
+    from training.tracking import NULL, Tracker, run_dir_for
+
+    if not getattr(args, "track", False) or not D.current().main:
+        return NULL
+    tracker = Tracker(run_dir_for(args.runs, name))
+    tracker.text("command", "`python -m training " + " ".join(sys.argv[1:]) + "`")
+    print(f"tracking: {tracker.run_dir} (tensorboard --logdir {args.runs})")
+    return tracker
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command under torchrun with nproc processes (the flag itself removed)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc-per-node":
+            skip = True
+            continue
+        if a.startswith("--nproc-per-node="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "training", *rest]
+    print("launching: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from training import distributed as D
+    from training.recommender import SeqRecConfig
+    from training.update import update
+
+    device = resolve_device(args.device)
+    D.from_env(device)
+    try:
+        work = args.work or args.out.parent / f"{args.out.name}.work"
+        if D.current().main:
+            work.mkdir(parents=True, exist_ok=True)
+        cfg = SeqRecConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, max_minutes=args.minutes,
+                           eval_every=1, patience=3, seed=args.seed, device=device)
+        tracker = _tracker(args, f"update-{args.out.name}")
+        manifest = update(args.bundle, args.events, args.out, cfg, since=args.since, replay=args.replay,
+                          checkpoint=work / "update.ckpt", tracker=tracker)
+        tracker.close()
+        if manifest is not None:
+            u, tr = manifest["update"], manifest["recommender"]["training"]
+            print(f"bundle {manifest['bundle_version']} -> {args.out} (from {u['parent_version']})")
+            print(f"  events: {u['events_used']} used of {u['events_logged']} logged ({u['events_after_since']} new, "
+                  f"{u['events_unknown_item']} for unknown items); users touched {u['users_touched']} "
+                  f"({u['new_users']} new), replayed {u['replay_users']}")
+            print(f"  recommender: {tr['epochs_run']} epochs (best {tr['best_epoch']}, {tr['stop']}), valid NDCG@10 "
+                  f"{tr['valid_ndcg@10']:.4f} on touched users; {u['seconds']:.0f}s on {tr['world_size']} process(es)")
+        return 0
+    finally:
+        D.shutdown()
 
 
 def cmd_build_classifier(args: argparse.Namespace) -> int:
@@ -255,9 +358,14 @@ def cmd_build_rec(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.out.exists():
         raise FileExistsError(f"{args.out}: output directory already exists; choose a new path")
+    from training import distributed as D
+    from training.recpipeline import follow
+
     device = resolve_device(args.device)
+    d = D.from_env(device)
     inp = _rec_input(args)
-    print(json.dumps(inp.behaviour.report.as_dict()["counts"]))
+    if d.main:
+        print(json.dumps(inp.behaviour.report.as_dict()["counts"]))
     encoder_dir = args.encoder or default_encoder_dir()
     opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or inp.name, device=device,
                         dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
@@ -265,7 +373,17 @@ def cmd_build_rec(args: argparse.Namespace) -> int:
     cfg = SeqRecConfig(dims=args.rec_dims, max_len=args.rec_max_len, max_minutes=args.rec_minutes,
                        max_epochs=args.rec_epochs, device=device, seed=args.seed,
                        amp_dtype="bfloat16" if device.startswith("cuda") else "float32")
-    manifest = build(inp, args.out, opts, cfg, args.evaluate, device)
+    work = args.work or args.out.parent / f"{args.out.name}.work"
+    checkpoint = work / "recommender.ckpt"
+    if not d.main:
+        follow(inp, opts, cfg, checkpoint)
+        return 0
+    work.mkdir(parents=True, exist_ok=True)
+    tracker = _tracker(args, opts.name)
+    try:
+        manifest = build(inp, args.out, opts, cfg, args.evaluate, device, checkpoint=checkpoint, tracker=tracker)
+    finally:
+        tracker.close()
     print(summary(manifest, args.out, started))
     return 0
 
@@ -324,7 +442,22 @@ def _query_log(args: argparse.Namespace) -> dict[str, float] | None:
         raise DataError(f"--query-log: {exc}") from exc
 
 
+NOT_PARALLEL = ("data-parallel training covers recommender builds (--dataset beauty|online_retail|seqfile, "
+                "--catalog with --interactions) and `update`; search builds with encoder fine-tuning and "
+                "classifier builds still train in one process: drop --nproc-per-node / torchrun")
+
+
+def _data_parallel_build(args: argparse.Namespace) -> bool:
+    classifier = args.classifier or args.classifier_data or args.classifier_from
+    return not classifier and (args.dataset in REC_DATASETS or bool(args.interactions and not args.judgments))
+
+
 def cmd_build(args: argparse.Namespace) -> int:
+    from training import distributed as D
+
+    env = D.check_env()
+    if env is not None and env[1] > 1 and not _data_parallel_build(args):
+        raise DataError(NOT_PARALLEL)
     if getattr(args, "classifier", False) or getattr(args, "classifier_data", None) or getattr(args, "classifier_from", None):
         return cmd_build_with_classifier(args)
     started = time.perf_counter()
@@ -333,7 +466,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.dataset or args.judgments:
         work = args.work or args.out.parent / f"{args.out.name}.work"
         pipe = _pipeline(args, args.out, work)
-        manifest = pipe.run()
+        pipe.tracker = _tracker(args, pipe.cfg.name)
+        try:
+            manifest = pipe.run()
+        finally:
+            pipe.tracker.close()
         _summary(pipe, manifest, started)
         return 0
     if not args.catalog:
@@ -351,6 +488,9 @@ def cmd_build(args: argparse.Namespace) -> int:
                         data_fingerprints={"catalog": f"sha256:{sha256_file(args.catalog)}"},
                         query_log=_query_log(args))
     manifest = write_bundle(items, args.out, opts)
+    tracker = _tracker(args, opts.name)
+    tracker.manifest(manifest)
+    tracker.close()
     print(f"bundle {manifest['bundle_version']} -> {args.out}")
     print(f"  items {manifest['items']['count']}, dims {manifest['encoder']['dims']}, "
           f"index {manifest['index']['type']}, vocab {manifest['lexical']['vocab_size']}")
@@ -432,11 +572,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # our own progress bars say what is happening
     args = _parser().parse_args(argv)
+    from training import distributed as D
+
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is not None:
+        if nproc < 1:
+            print(f"error: --nproc-per-node {nproc}: must be at least 1", file=sys.stderr)
+            return 2
+        if D.check_env() is not None:
+            print("error: --nproc-per-node under torchrun: give one or the other", file=sys.stderr)
+            return 2
+        if nproc > 1 and args.command == "build" and not _data_parallel_build(args):
+            print(f"error: {NOT_PARALLEL}", file=sys.stderr)
+            return 2
+        if nproc > 1:
+            return launch_torchrun(nproc, list(sys.argv[1:] if argv is None else argv))
     try:
+        env = D.check_env()
+        if env is not None and env[1] > 1 and args.command not in ("build", "update"):
+            raise DataError(f"`{args.command}` runs in one process; only `build` (recommender) and `update` train "
+                            f"data-parallel under torchrun")
         if args.command == "build":
             return cmd_build(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "update":
+            return cmd_update(args)
+        if args.command == "compare":
+            from training.tracking import compare, resolve_run
+
+            print(compare(resolve_run(args.run_a, args.runs), resolve_run(args.run_b, args.runs)), end="")
+            return 0
         if args.command == "build-classifier":
             return cmd_build_classifier(args)
         if args.command == "suggest":
@@ -447,9 +613,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"({manifest['suggest']['log_phrases']} from the log)")
             return 0
         return cmd_step(args)
-    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError, ValueError) as exc:  # ClassifyDataError too
+    except (CatalogError, DataError, FileExistsError, FileNotFoundError, DeviceError, ValueError) as exc:  # ClassifyDataError, LaunchError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        D.shutdown()
 
 
 if __name__ == "__main__":
