@@ -128,6 +128,9 @@ def from_env(device: str = "cpu") -> Dist:
 def shutdown() -> None:
     global _current
     if _current.enabled and dist.is_initialized():
+        import gc
+
+        gc.collect()  # no gloo work object may outlive the group (a live one aborts the process at exit)
         dist.destroy_process_group()
     _current = SINGLE
 

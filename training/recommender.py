@@ -15,6 +15,7 @@ through (the time budget counts the time already spent).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -280,6 +281,11 @@ def train_seqrec(split: SeqSplit, cfg: SeqRecConfig, text: torch.Tensor | None =
         if stopped:
             stop_reason = stopped
             break
+    if d.enabled:
+        # Drop the DDP wrapper (its reducer holds the process group and pending gloo work) now, not at
+        # interpreter exit: gloo threads still alive at finalization abort the process (pytorch#190489).
+        del step_model
+        gc.collect()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
