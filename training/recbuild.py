@@ -219,13 +219,8 @@ def build_recommender(root: Path | None, b: Behaviour, split_kind: str, cutoff: 
     save_file(state, str(root / bf.REC_MODEL_FILE))
     np.save(root / bf.REC_VECTORS_FILE, vectors)
     pd.DataFrame({"user_id": b.users}).to_parquet(root / bf.REC_USERS_FILE, index=False)
-    indptr, items = _csr(served)
-    extra = {}
-    if served_times is not None:  # unix seconds per history entry: an incremental update keeps the time decay
-        extra["times"] = np.fromiter((t for ts in served_times for t in ts), dtype=np.int64, count=int(indptr[-1]))
-    np.savez(root / bf.REC_HISTORY_FILE, indptr=indptr, items=items, **extra)
-    stats = _stats(served, len(b.items), served_times)
-    np.savez(root / bf.REC_STATS_FILE, **stats)
+    indptr = write_history(root / bf.REC_HISTORY_FILE, served, served_times)
+    np.savez(root / bf.REC_STATS_FILE, **_stats(served, len(b.items), served_times))
     cfg_d = asdict(cfg)
     return {
         "model": bf.REC_MODEL_FILE, "vectors": bf.REC_VECTORS_FILE, "users": bf.REC_USERS_FILE,
@@ -245,6 +240,17 @@ def build_recommender(root: Path | None, b: Behaviour, split_kind: str, cutoff: 
         "data_until": max((t[-1] for t in b.times if t), default=None) if b.times else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def write_history(path: Path, seqs: list[list[int]], times: list[list[int]] | None) -> np.ndarray:
+    """The served histories file (CSR indptr + item rows, and unix-second times when known, so an incremental
+    update keeps the time-decayed popularity); returns indptr."""
+    indptr, items = _csr(seqs)
+    extra = {}
+    if times is not None:
+        extra["times"] = np.fromiter((t for ts in times for t in ts), dtype=np.int64, count=int(indptr[-1]))
+    np.savez(path, indptr=indptr, items=items, **extra)
+    return indptr
 
 
 def _stats(seqs: list[list[int]], n: int, times: list[list[int]] | None) -> dict[str, np.ndarray]:

@@ -32,7 +32,7 @@ from common.eventlog import feedback_events
 from training import distributed as D
 from training.bundle_writer import seal, staged
 from training.data import DataError
-from training.recbuild import _stats
+from training.recbuild import _stats, write_history
 from training.recommender import SeqRecConfig, SeqSplit, train_seqrec
 from training.tracking import NULL, Tracker
 
@@ -103,7 +103,7 @@ def update(bundle: Path, events: str, out: Path, cfg: SeqRecConfig, *, since: fl
     index = {u: i for i, u in enumerate(users)}
     touched: set[int] = set()
     first_new: dict[int, int] = {}
-    used = unknown = 0
+    used = unknown = newest = 0
     for e in fresh:
         r = row.get(str(e.get("item_id", "")))
         if r is None:
@@ -122,6 +122,7 @@ def update(bundle: Path, events: str, out: Path, cfg: SeqRecConfig, *, since: fl
             times[u].append(int(e["timestamp_ms"]) // 1000)
         touched.add(u)
         used += 1
+        newest = max(newest, int(e["timestamp_ms"]) // 1000)
     if not used:
         raise DataError(f"--events {events}: no events for the bundle's items after {datetime.fromtimestamp(cut)} "
                         f"({len(logged)} logged, {len(fresh)} newer, {unknown} for unknown items); nothing to learn")
@@ -159,22 +160,15 @@ def update(bundle: Path, events: str, out: Path, cfg: SeqRecConfig, *, since: fl
         save_file(new_state, str(tmp / spec["model"]))
         np.save(tmp / spec["vectors"], new_vectors.astype(np.float32))
         pd.DataFrame({"user_id": users}).to_parquet(tmp / spec["users"], index=False)
-        ip = np.zeros(len(seqs) + 1, np.int64)
-        ip[1:] = np.cumsum([len(s) for s in seqs])
-        extra = {}
-        if times is not None:
-            extra["times"] = np.fromiter((t for ts in times for t in ts), dtype=np.int64, count=int(ip[-1]))
-        np.savez(tmp / spec["history"], indptr=ip,
-                 items=np.fromiter((r for s in seqs for r in s), dtype=np.int32, count=int(ip[-1])), **extra)
+        ip = write_history(tmp / spec["history"], seqs, times)
         np.savez(tmp / spec["stats"], **_stats(seqs, n, times))
-        newest = max((int(e["timestamp_ms"]) // 1000 for e in fresh if str(e.get("item_id", "")) in row), default=None)
         info = {"parent_version": manifest["bundle_version"], "events_source": events, "events_logged": len(logged),
                 "events_after_since": len(fresh), "events_used": used, "events_unknown_item": unknown,
                 "since": cut, "users_touched": len(touched), "new_users": len(users) - len(indptr) + 1,
                 "replay_users": len(sample), "seconds": round(time.perf_counter() - started, 1)}
         spec = {**spec, "training": {k: v for k, v in report.items() if k != "config"}, "config": asdict(cfg),
                 "user_count": len(users), "interactions": int(ip[-1]),
-                "data_until": max(newest or 0, spec.get("data_until") or 0) or None,
+                "data_until": max(newest, spec.get("data_until") or 0),
                 "world_size": report["world_size"], "effective_batch_size": report["effective_batch_size"],
                 "learning_rate": report["learning_rate"], "valid_ndcg_model_only": round(report["valid_ndcg@10"], 5)}
         new_manifest = {**manifest, "recommender": spec, "parent_version": manifest["bundle_version"], "update": info,
