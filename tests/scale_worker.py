@@ -4,6 +4,10 @@
                                                           digest of the weights after every step and the losses
     python tests/scale_worker.py build KILL_AT ARGS...    `python -m training build ARGS`, killed (SIGKILL) at
                                                           optimiser step KILL_AT (0 = never)
+    python tests/scale_worker.py finetune BASE OUT BATCH [KILL_AT]
+                                                          fine-tune the tiny encoder at BASE (tiny_encoder) with
+                                                          BATCH queries a step (checkpoint OUT/finetune.ckpt),
+                                                          killed at step KILL_AT; OUT/rank-R.json as for `steps`
 """
 from __future__ import annotations
 
@@ -56,6 +60,63 @@ def steps(out: Path) -> None:
     D.shutdown()
 
 
+def tiny_encoder(base: Path) -> None:
+    """A small BERT without dropout (so one process and two take the very same steps), MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.__main__ import default_encoder_dir
+
+    tok = AutoTokenizer.from_pretrained(default_encoder_dir())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         max_position_embeddings=64)).save_pretrained(base)
+    tok.save_pretrained(base)
+
+
+def tiny_search_data() -> tuple[list[str], list[tuple[str, int]], dict, dict, object]:
+    """Items "<colour> <thing> model <n>", queries "<colour> <thing>": texts, pairs, negatives, positives, dev."""
+    import numpy as np
+
+    from training.finetune import DevSet
+
+    colours = ["red", "blue", "green", "black", "white", "steel", "oak", "brass"]
+    things = ["drill", "hammer", "lamp", "faucet", "ladder", "saw"]
+    texts, pairs, positives = [], [], {}
+    for c in colours:
+        for t in things:
+            for n in range(3):
+                positives.setdefault(f"{c} {t}", set()).add(len(texts))
+                pairs.append((f"{c} {t}", len(texts)))
+                texts.append(f"{c} {t} model {n}")
+    negatives = {q: [r for r, text in enumerate(texts) if text.split()[1] == q.split()[1] and not text.startswith(q)][:6]
+                 for q in positives}
+    dev_q = ["red lamp", "oak saw", "blue drill", "brass ladder", "green faucet"]
+    grades = {q: {r: 1.0 for r in positives[q]} for q in dev_q}
+    return texts, pairs, negatives, positives, DevSet(dev_q, grades, np.arange(len(texts)))
+
+
+def finetune(base: Path, out: Path, batch: int, kill_at: int = 0) -> None:
+    from training.finetune import FinetuneConfig, finetune_encoder
+
+    d = D.from_env("cpu")
+    texts, pairs, negatives, positives, dev = tiny_search_data()
+    seen: list[dict] = []
+
+    def on_step(step, model, loss):
+        seen.append({"step": step, "digest": digest(model), "loss": loss})
+        if kill_at and step >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: what a crashed machine does
+
+    cfg = FinetuneConfig(batch_size=batch, lr=1e-3, epochs=1, max_steps=8, eval_every=4, patience=100,
+                         warmup_steps=2, bf16=False, max_minutes=30)
+    out.mkdir(parents=True, exist_ok=True)
+    report = finetune_encoder(base, texts, pairs, negatives, positives, dev, out / "encoder", cfg, on_step=on_step,
+                              checkpoint=out / "finetune.ckpt")
+    (out / f"rank-{d.rank}.json").write_text(json.dumps({"steps": seen, "report": report.as_dict(), "world": d.world}))
+    D.shutdown()
+
+
 def build(kill_at: int, argv: list[str]) -> int:
     import training.recbuild as recbuild
     from training.__main__ import main
@@ -75,6 +136,10 @@ def build(kill_at: int, argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "steps":
         steps(Path(sys.argv[2]))
+    elif sys.argv[1] == "finetune":
+        finetune(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
+    elif sys.argv[1] == "tiny-encoder":
+        tiny_encoder(Path(sys.argv[2]))
     elif sys.argv[1] == "build":
         sys.exit(build(int(sys.argv[2]), sys.argv[3:]))
     else:

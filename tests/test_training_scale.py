@@ -84,6 +84,54 @@ def test_a_two_process_build_is_written_by_rank_zero_alone_and_serves(tmp_path):
     assert bundle.manifest["bundle_version"] == manifest["bundle_version"]
 
 
+def test_two_ranks_fine_tune_the_encoder_as_one_process_does_on_the_same_batches(tmp_path):
+    """Each rank encodes half of every batch; the gathered vectors make every rank's loss the whole batch's, so
+    two processes x 4 queries take one process x 8's steps (a tiny BERT without dropout, fp32: same numbers)."""
+    base = tmp_path / "base"
+    assert _run([str(WORKER), "tiny-encoder", str(base)]).returncode == 0
+    one = _run([str(WORKER), "finetune", str(base), str(tmp_path / "one"), "8"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, [str(WORKER), "finetune", str(base), str(tmp_path / "two"), "8"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    single = json.loads((tmp_path / "one" / "rank-0.json").read_text())
+    r0, r1 = (json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert len(single["steps"]) == len(r0["steps"]) == len(r1["steps"]) == 8
+    assert [s["digest"] for s in r0["steps"]] == [s["digest"] for s in r1["steps"]]  # in step after every step
+    assert len({s["digest"] for s in r0["steps"]}) == 8  # and moving
+    assert np.allclose([s["loss"] for s in r0["steps"]], [s["loss"] for s in single["steps"]], atol=1e-5)
+    assert r0["steps"][-1]["loss"] < r0["steps"][0]["loss"] - 0.5
+    assert np.allclose([h[1] for h in r0["report"]["history"]], [h[1] for h in single["report"]["history"]],
+                       atol=1e-6)  # dev nDCG (each rank encodes half of the pool) as one process computes it
+    rep = r0["report"]
+    assert (rep["world_size"], rep["per_rank_batch"], rep["effective_batch"]) == (2, 4, 8)
+    a = load_file(str(tmp_path / "one" / "encoder" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "encoder" / "model.safetensors"))
+    start = load_file(str(base / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k] - start[k]).abs().max()) for k in a if k in start) > 1e-3
+
+
+def test_a_two_process_search_build_fine_tunes_data_parallel_and_serves(tmp_path):
+    from server.bundle import load_bundle
+
+    runs, scratch = tmp_path / "runs", tmp_path / "scratch"
+    scratch.mkdir()
+    proc = _run(["-m", "training", "build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--judgments",
+                 str(SAMPLE / "judgments.csv"), "--out", str(tmp_path / "b"), "--runs", str(runs), "--max-steps", "4",
+                 "--eval-every", "2", "--batch-size", "8", "--device", "cpu", "--nproc-per-node", "2"],
+                TMPDIR=str(scratch))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    ft = manifest["finetune"]
+    assert (ft["world_size"], ft["per_rank_batch"], ft["effective_batch"], ft["lr"]) == (2, 4, 8, 3e-5)
+    assert ft["steps"] == 4 and manifest["metrics"]["test"]["bundle"]["version"] == manifest["bundle_version"]
+    assert len(list(runs.iterdir())) == 1  # one writer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.work", "runs", "scratch"]
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("searchrec-rank")]  # rank 1's folder gone
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest["bundle_version"] == manifest["bundle_version"]
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 def test_a_build_killed_mid_training_resumes_to_the_same_model(tmp_path):
@@ -109,6 +157,29 @@ def test_a_build_killed_mid_training_resumes_to_the_same_model(tmp_path):
     assert round(a["valid_ndcg_rescored"], 3) == round(b["valid_ndcg_rescored"], 3)
     wa, wb = load_file(str(tmp_path / "whole" / a["model"])), load_file(str(out / b["model"]))
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), rtol=0, atol=1e-3) for k in wa)
+
+
+def test_a_fine_tuning_killed_mid_way_resumes_from_its_checkpoint_to_the_same_encoder(tmp_path):
+    """Two ranks, checkpoint after each dev evaluation (steps 4 and 8 of 8); SIGKILL at step 6; the same command
+    again resumes after step 4 (optimiser moments, schedule, batches and negatives where they were)."""
+    base = tmp_path / "base"
+    assert _run([str(WORKER), "tiny-encoder", str(base)]).returncode == 0
+    whole = _torchrun(2, [str(WORKER), "finetune", str(base), str(tmp_path / "whole"), "8"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _torchrun(2, [str(WORKER), "finetune", str(base), str(tmp_path / "cut"), "8", "6"])
+    assert killed.returncode != 0 and (tmp_path / "cut" / "finetune.ckpt").is_file()
+    assert not (tmp_path / "cut" / "encoder").exists()
+    again = _torchrun(2, [str(WORKER), "finetune", str(base), str(tmp_path / "cut"), "8"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref = json.loads((tmp_path / "whole" / "rank-0.json").read_text())
+    res = json.loads((tmp_path / "cut" / "rank-0.json").read_text())
+    assert res["report"]["resumed_at"] == 4 and [s["step"] for s in res["steps"]] == [5, 6, 7, 8]
+    assert np.allclose([s["loss"] for s in res["steps"]], [s["loss"] for s in ref["steps"][4:]], atol=1e-5)
+    assert np.allclose([h[1] for h in res["report"]["history"]], [h[1] for h in ref["report"]["history"]], atol=1e-6)
+    a = load_file(str(tmp_path / "whole" / "encoder" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "encoder" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert not (tmp_path / "cut" / "finetune.ckpt").exists()  # removed once the encoder is saved
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
@@ -235,7 +306,22 @@ def test_nproc_per_node_is_checked(tmp_path):
     assert proc.returncode == 2 and "--nproc-per-node 0: must be at least 1" in proc.stderr
 
 
-def test_a_search_build_says_it_does_not_train_data_parallel_yet(tmp_path):
-    proc = _run(["-m", "training", "build", "--catalog", str(SAMPLE / "catalog.jsonl"), "--judgments",
-                 str(SAMPLE / "judgments.csv"), "--out", str(tmp_path / "b"), "--nproc-per-node", "2"])
-    assert proc.returncode == 2 and "still train in one process" in proc.stderr and not (tmp_path / "b").exists()
+def test_a_two_process_classifier_build_trains_data_parallel_and_rank_zero_writes(tmp_path):
+    from tests.test_classify import synthetic_csv
+    from training.classifier_build import check_classifier
+
+    data = synthetic_csv(tmp_path / "shop.csv")
+    runs, out = tmp_path / "runs", tmp_path / "clf"
+    proc = _run(["-m", "training", "build-classifier", "--data", str(data), "--out", str(out), "--epochs", "2",
+                 "--max-minutes", "5", "--device", "cpu", "--dtype", "float32", "--runs", str(runs),
+                 "--nproc-per-node", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = check_classifier(out)  # every file there and matching its checksum
+    dense = manifest["classifier"]["metrics"]["dense"]
+    assert (dense["world_size"], dense["per_rank_batch"], dense["batch_size"]) == (2, 16, 32)
+    epochs = dense["epochs"]
+    assert len(epochs) == 2 and epochs[1]["loss"] < epochs[0]["loss"]
+    assert epochs[0]["rows"] == 163  # the two ranks' rows of the epoch, summed: every training row once
+    assert manifest["classifier"]["metrics"]["test"]["leaf_accuracy"] >= 0.8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "runs", "shop.csv"]  # nothing else, no rank 1 output
+    assert len(list(runs.iterdir())) == 1

@@ -162,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--epochs", type=int, default=12, help="most epochs of fine-tuning (the budget usually ends it sooner)")
     bc.add_argument("--seed", type=int, default=0)
     _common(bc)
+    _scale_args(bc)
     sg = sub.add_parser("suggest", help="a bundle with its suggestion table built again from a query log "
                                          "(new version; nothing re-encoded)")
     sg.add_argument("--bundle", type=Path, required=True)
@@ -262,14 +263,26 @@ def cmd_update(args: argparse.Namespace) -> int:
 def cmd_build_classifier(args: argparse.Namespace) -> int:
     from training.classifier_build import build_classifier
 
+    from training import distributed as D
+
     if args.out.exists():
         raise FileExistsError(f"{args.out} exists; give a new --out")
     device = resolve_device(args.device)
     if device != "cpu":
         raise DeviceError("build-classifier trains on the CPU for now; pass --device cpu")
     bf16 = resolve_dtype(device, args.dtype) == "bfloat16"
-    summary = build_classifier(args.data, args.out, args.max_minutes, args.epochs, args.seed, args.encoder, bf16)
-    _print_classifier_summary(args.out, summary, bf16)
+    D.from_env(device)
+    tracker = _tracker(args, f"classifier-{args.out.name}")
+    try:
+        summary = build_classifier(args.data, args.out, args.max_minutes, args.epochs, args.seed, args.encoder, bf16,
+                                   tracker=tracker)
+        if D.current().main:
+            tracker.table("classifier/summary", {k: v for k, v in summary.get("test", {}).items()
+                                                 if isinstance(v, (int, float))})
+    finally:
+        tracker.close()
+    if D.current().main:
+        _print_classifier_summary(args.out, summary, bf16)
     return 0
 
 
@@ -409,18 +422,24 @@ def cmd_build_with_classifier(args: argparse.Namespace) -> int:
             raise DataError("--classifier trains on the catalog's items: give --catalog FILE, or --classifier-data CSV")
         device = resolve_device(args.device)
         bf16 = device == "cpu" and resolve_dtype(device, args.dtype) == "bfloat16"
-    building = out.parent / f".{out.name}.building-{os.getpid()}"
-    trained = out.parent / f".{out.name}.classifier-{os.getpid()}"
+    from training import distributed as D
+
+    d = D.from_env(resolve_device(args.device))
+    building = out.parent / f".{out.name}.building-{os.getpid() if d.main else 0}"
+    trained = out.parent / f".{out.name}.classifier-{os.getpid() if d.main else 0}"
     try:
-        if source is None:
+        if source is None:  # data-parallel: every rank joins the fine-tuning, rank 0 writes
             summary = build_classifier(Path(data), trained, args.classifier_minutes, args.classifier_epochs, args.seed,
                                        args.encoder, bf16)
-            _print_classifier_summary(trained, summary, bf16)
+            if d.main:
+                _print_classifier_summary(trained, summary, bf16)
             source = trained
         work = args.work or out.parent / f"{out.name}.work"
         inner = argparse.Namespace(**{**vars(args), "out": building, "work": work, "classifier": False,
                                       "classifier_data": None, "classifier_from": None})
         cmd_build(inner)
+        if not d.main:
+            return 0  # the other ranks' part ends with the build's last collective step
         manifest = attach_classifier(building, source)
         os.rename(building, out)
     finally:
@@ -442,28 +461,20 @@ def _query_log(args: argparse.Namespace) -> dict[str, float] | None:
         raise DataError(f"--query-log: {exc}") from exc
 
 
-NOT_PARALLEL = ("data-parallel training covers recommender builds (--dataset beauty|online_retail|seqfile, "
-                "--catalog with --interactions) and `update`; search builds with encoder fine-tuning and "
-                "classifier builds still train in one process: drop --nproc-per-node / torchrun")
-
-
-def _data_parallel_build(args: argparse.Namespace) -> bool:
-    classifier = args.classifier or args.classifier_data or args.classifier_from
-    return not classifier and (args.dataset in REC_DATASETS or bool(args.interactions and not args.judgments))
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from training import distributed as D
 
-    env = D.check_env()
-    if env is not None and env[1] > 1 and not _data_parallel_build(args):
-        raise DataError(NOT_PARALLEL)
     if getattr(args, "classifier", False) or getattr(args, "classifier_data", None) or getattr(args, "classifier_from", None):
         return cmd_build_with_classifier(args)
     started = time.perf_counter()
     if args.dataset in REC_DATASETS or (args.interactions and not args.judgments):
         return cmd_build_rec(args)
     if args.dataset or args.judgments:
+        if args.out.exists():  # every rank says so before any of them joins the others
+            raise FileExistsError(f"{args.out}: output directory already exists; choose a new path")
+        D.from_env(resolve_device(args.device))
         work = args.work or args.out.parent / f"{args.out.name}.work"
         pipe = _pipeline(args, args.out, work)
         pipe.tracker = _tracker(args, pipe.cfg.name)
@@ -471,7 +482,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             manifest = pipe.run()
         finally:
             pipe.tracker.close()
-        _summary(pipe, manifest, started)
+        if manifest is not None:  # rank 0 (or the one process)
+            _summary(pipe, manifest, started)
         return 0
     if not args.catalog:
         raise DataError("give --catalog FILE (optionally with --judgments CSV) or --dataset homedepot")
@@ -482,6 +494,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     encoder_dir = args.encoder or default_encoder_dir()
     if not (encoder_dir / "config.json").is_file():
         raise CatalogError(f"{encoder_dir}: not a Hugging Face model folder (no config.json)")
+    if not D.from_env(device).main:
+        # A catalog-only build trains nothing; the other ranks encode their share of the catalog for rank 0.
+        from common.encoding import TextEncoder
+        from training.bundle_writer import encode_catalog
+
+        encoder = TextEncoder(encoder_dir, device=device, dtype=resolve_dtype(device, args.dtype),
+                              max_length=args.max_length)
+        encode_catalog(encoder, items.reset_index(drop=True), args.batch_size_encode)
+        return 0
     opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or args.catalog.stem, device=device,
                         dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,
                         max_length=args.max_length,
@@ -582,16 +603,13 @@ def main(argv: list[str] | None = None) -> int:
         if D.check_env() is not None:
             print("error: --nproc-per-node under torchrun: give one or the other", file=sys.stderr)
             return 2
-        if nproc > 1 and args.command == "build" and not _data_parallel_build(args):
-            print(f"error: {NOT_PARALLEL}", file=sys.stderr)
-            return 2
         if nproc > 1:
             return launch_torchrun(nproc, list(sys.argv[1:] if argv is None else argv))
     try:
         env = D.check_env()
-        if env is not None and env[1] > 1 and args.command not in ("build", "update"):
-            raise DataError(f"`{args.command}` runs in one process; only `build` (recommender) and `update` train "
-                            f"data-parallel under torchrun")
+        if env is not None and env[1] > 1 and args.command not in ("build", "update", "build-classifier"):
+            raise DataError(f"`{args.command}` runs in one process; only `build`, `build-classifier` and `update` "
+                            f"train data-parallel under torchrun")
         if args.command == "build":
             return cmd_build(args)
         if args.command == "evaluate":

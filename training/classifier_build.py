@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from common.bundle_format import MANIFEST, SCHEMA_VERSION, checksum_tree
-from common.classifier import MAX_LENGTH, Classifier, DenseClassifier, logits_of, token_batches
+from common.classifier import MAX_LENGTH, Classifier, DenseClassifier, logits_of
+from training import distributed as D
 from training.classify import (CLASSIFIER_DIR, SparseModel, Taxonomy, autofill_threshold, ece, file_fingerprint,
                                fit_temperature, read_catalog, scores, seed_everything, softmax, split_of,
                                texts_of)
@@ -33,45 +34,65 @@ AUTOFILL_PRECISION = 0.95
 
 def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: int, dev_texts: list[str],
                 dev_y: np.ndarray, budget_s: float, epochs: int, bf16: bool, seed: int,
-                batch: int = 32) -> tuple[DenseClassifier, Any, dict]:
+                batch: int = 32, tracker=None) -> tuple[DenseClassifier, Any, dict]:
+    """Fine-tune MiniLM + head. Data-parallel when the process group is joined (training.distributed): every rank
+    calls this with the same arguments; each step's `batch` rows are split across the ranks, the gradients
+    averaged (DistributedDataParallel), the dev split encoded in shares; time and best-epoch decisions are rank 0's."""
     from transformers import AutoModel, AutoTokenizer
 
+    d = D.current()
+    if batch < d.world:
+        raise ValueError(f"classifier batch {batch} is smaller than the {d.world} processes: each needs a row")
     seed_everything(seed)
     tok = AutoTokenizer.from_pretrained(encoder_dir)
     model = DenseClassifier(AutoModel.from_pretrained(encoder_dir), n_classes)
+    if getattr(model.encoder, "pooler", None) is not None:
+        # Mean pooling never reads the pooler: no gradient reaches it (DistributedDataParallel waits for one from
+        # every trainable parameter), and AdamW leaves it as it is anyway.
+        model.encoder.pooler.requires_grad_(False)
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     weights = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
     weights = weights / weights[counts > 0].mean()
     loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
     head_params = list(model.head.parameters())
-    opt = torch.optim.AdamW([{"params": model.encoder.parameters(), "lr": 1e-4},
+    opt = torch.optim.AdamW([{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 1e-4},
                              {"params": head_params, "lr": 3e-3}], weight_decay=0.01)
-    steps_per_epoch = (len(texts) + batch - 1) // batch
+    net: torch.nn.Module = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, forward_sync_buffers=False)  # the buffers are constants
+        torch.manual_seed(seed * 1000 + d.rank + 1)  # dropout: each rank its own masks
+    per_rank = batch // d.world
+    step_rows = per_rank * d.world  # rows per optimiser step over all ranks
+    steps_per_epoch = (len(texts) + step_rows - 1) // step_rows
     # Linear warm-up and decay over the steps that will actually run: `epochs` of them, or fewer once the
     # first steps have shown how many fit in the time budget (so the rate still decays to ~0 at the end).
     plan = {"total": steps_per_epoch * epochs}
     warmup = max(1, int(0.05 * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (plan["total"] - s) / max(plan["total"] - warmup, 1))))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the same stream on every rank: the same batches everywhere
     started = time.perf_counter()
     best, best_acc, history, step = None, -1.0, [], 0
     for epoch in range(epochs):
-        model.train()
+        net.train()
         # Shuffle, then sort within chunks of 50 batches by length: little padding, still random batches.
         perm = rng.permutation(len(texts))
-        chunk = batch * 50
+        chunk = step_rows * 50
         order = np.concatenate([sorted(perm[i: i + chunk], key=lambda j: len(texts[j]))
                                 for i in range(0, len(perm), chunk)])
-        blocks = [order[i: i + batch] for i in range(0, len(order), batch)]
+        blocks = [order[i: i + step_rows] for i in range(0, len(order), step_rows)]
         rng.shuffle(blocks)
-        order = np.concatenate(blocks)
+        blocks = [b for b in blocks if len(b) >= d.world]  # a last block too small to give every rank a row
         total, seen, out_of_time = 0.0, 0, False
-        bar = tqdm(token_batches(tok, texts, batch, order), total=steps_per_epoch, desc=f"classifier epoch {epoch + 1}",
-                   leave=False)
-        for idx, enc in bar:
+        bar = tqdm(blocks, desc=f"classifier epoch {epoch + 1}", leave=False, disable=not d.main)
+        for block in bar:
+            idx = block[len(block) * d.rank // d.world: len(block) * (d.rank + 1) // d.world]
+            enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
+                      return_tensors="pt")
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(enc["input_ids"], enc["attention_mask"])
+                logits = net(enc["input_ids"], enc["attention_mask"])
             loss = loss_fn(logits.float(), torch.as_tensor(y[idx]))
             opt.zero_grad()
             loss.backward()
@@ -79,8 +100,9 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
             opt.step()
             sched.step()
             step += 1
+            elapsed = D.agree(time.perf_counter() - started)  # rank 0's clock: every rank stops at the same step
             if step == 30:  # ~1 s a step here: plan the schedule on the measured speed (dev passes included)
-                per_step = (time.perf_counter() - started) / step
+                per_step = elapsed / step
                 fits = int(budget_s / per_step * 0.92)
                 plan["total"] = max(warmup + 1, min(plan["total"], fits))
                 log.info("classifier: %.2f s a step; %d steps (%.1f epochs) fit in the budget", per_step,
@@ -88,20 +110,39 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.3f}")
-            if time.perf_counter() - started > budget_s or step >= plan["total"]:
+            if tracker is not None:
+                tracker.scalar("classifier/train/loss", float(loss.detach()), step)
+                tracker.scalar("classifier/train/learning_rate", sched.get_last_lr()[0], step)
+            if elapsed > budget_s or step >= plan["total"]:
                 out_of_time = True
                 break
-        dev_acc = float(np.mean(logits_of(model, tok, dev_texts, bf16).argmax(1) == dev_y)) if len(dev_y) else 0.0
+        total, seen = D.all_sum([total, seen])
+        dev_acc = dev_accuracy(model, tok, dev_texts, dev_y, bf16)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1), "dev_leaf_accuracy": dev_acc,
-                        "rows": seen, "seconds": time.perf_counter() - started})
+                        "rows": int(seen), "seconds": time.perf_counter() - started})
+        if tracker is not None:
+            tracker.scalar("classifier/train/epoch_loss", total / max(seen, 1), epoch + 1)
+            tracker.scalar("classifier/valid/leaf_accuracy", dev_acc, epoch + 1)
+            tracker.flush()
         log.info("classifier epoch %d: loss %.4f, dev leaf accuracy %.4f (%.0fs)", epoch + 1, total / max(seen, 1),
                  dev_acc, time.perf_counter() - started)
         if dev_acc > best_acc:
             best_acc, best = dev_acc, copy.deepcopy(model.state_dict())
         if out_of_time:
             break
+    del net  # the DistributedDataParallel wrapper holds collective state; gone before the group is
     model.load_state_dict(best)
-    return model, tok, {"epochs": history, "best_dev_leaf_accuracy": best_acc, "batch_size": batch}
+    return model, tok, {"epochs": history, "best_dev_leaf_accuracy": best_acc, "batch_size": step_rows,
+                        "world_size": d.world, "per_rank_batch": per_rank, "lr": {"encoder": 1e-4, "head": 3e-3}}
+
+
+def dev_accuracy(model: DenseClassifier, tok, texts: list[str], y: np.ndarray, bf16: bool) -> float:
+    """Leaf accuracy on the dev rows; data-parallel, each rank scores its share (rank 0's result decides)."""
+    if not len(y):
+        return 0.0
+    part = D.shard_range(len(texts))
+    hits = logits_of(model, tok, texts[part.start:part.stop], bf16).argmax(1) == y[part.start:part.stop]
+    return D.agree(float(np.sum(D.gather_rows(hits.astype(np.float64))) / len(y)))
 
 
 def fit_blend(sparse_scores: np.ndarray, dense_logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -123,14 +164,21 @@ def fit_blend(sparse_scores: np.ndarray, dense_logits: np.ndarray, y: np.ndarray
 
 
 def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: int = 12, seed: int = 0,
-                     encoder_dir: Path | None = None, bf16: bool = False) -> dict[str, Any]:
-    """Train on the train split of `data`, fit the blend on dev, report test, write the bundle to `out`."""
+                     encoder_dir: Path | None = None, bf16: bool = False, tracker=None) -> dict[str, Any]:
+    """Train on the train split of `data`, fit the blend on dev, report test, write the bundle to `out`.
+
+    Data-parallel (training.distributed): rank 0 reads the data, fits the linear model and sends the network's
+    training rows to the other ranks, which join the fine-tuning and return {} (rank 0 writes everything)."""
     from safetensors.torch import save_file
 
     from training.__main__ import default_encoder_dir
 
     started = time.perf_counter()
     encoder_dir = Path(encoder_dir or default_encoder_dir())
+    if not D.current().main:
+        rows = D.agree(None, patient=True)  # waits while rank 0 reads the data and fits the linear model
+        train_dense(encoder_dir, *rows, epochs, bf16, seed)
+        return {}
     df = read_catalog(data)
     df["split"] = [split_of(t) for t in df["title"]]
     train, dev, test = (df[df["split"] == s] for s in ("train", "dev", "test"))
@@ -147,8 +195,9 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
     # The network gets what is left of the budget, less a reserve for the dev/test passes and the bundle.
     reserve = 60.0 + 0.004 * (len(dev) + len(test))
     budget = max(60.0, 60.0 * max_minutes - elapsed_s(started) - reserve)
+    D.agree((t_train, y_train, len(tax.leaves), t_dev, y_dev, budget), patient=True)  # the other ranks' rows
     dense, tok, report = train_dense(encoder_dir, t_train, y_train, len(tax.leaves), t_dev, y_dev, budget, epochs,
-                                     bf16, seed)
+                                     bf16, seed, tracker=tracker)
     dev_sparse, dev_dense = sparse.scores(t_dev), logits_of(dense, tok, t_dev, bf16)  # one pass each, used twice
     blend = fit_blend(dev_sparse, dev_dense, y_dev)
     clf = Classifier(tax, sparse, dense, tok, blend, bf16)

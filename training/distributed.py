@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 # How long a rank waits for the others at the rendezvous and in any collective (a rank that cannot reach the
 # others fails with a clear error after this, instead of hanging). SEARCHREC_DIST_TIMEOUT_S overrides it.
 DEFAULT_TIMEOUT_S = 300.0
+# How long the other ranks wait while rank 0 alone runs a step (preparing the data, training the reranker): a
+# separate gloo group with this timeout carries those waits. SEARCHREC_DIST_WAIT_S overrides it.
+DEFAULT_WAIT_S = 6 * 3600.0
 
 
 class LaunchError(ValueError):
@@ -55,6 +59,7 @@ class Dist:
 
 SINGLE = Dist()
 _current: Dist = SINGLE
+_patient: Any = None  # the long-timeout group for waiting on rank 0 (None: not distributed)
 
 
 def current() -> Dist:
@@ -99,7 +104,7 @@ def check_env() -> tuple[int, int, int] | None:
 
 def from_env(device: str = "cpu") -> Dist:
     """Join the process group the launcher describes (idempotent); SINGLE when not launched distributed."""
-    global _current
+    global _current, _patient
     if _current.enabled:
         return _current
     env = check_env()
@@ -115,6 +120,8 @@ def from_env(device: str = "cpu") -> Dist:
             torch.cuda.set_device(local)
         # One collective at once: a rank that reached the store but not its peers fails here, not mid-epoch.
         dist.barrier()
+        wait = float(os.environ.get("SEARCHREC_DIST_WAIT_S", DEFAULT_WAIT_S))
+        _patient = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
     except Exception as exc:  # DistStoreError, RuntimeError, TimeoutError: all mean the same to the user
         raise LaunchError(f"rank {rank} of {world} could not reach the other ranks at {where} within {timeout:.0f} s "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
@@ -126,7 +133,8 @@ def from_env(device: str = "cpu") -> Dist:
 
 
 def shutdown() -> None:
-    global _current
+    global _current, _patient
+    _patient = None
     if _current.enabled and dist.is_initialized():
         import gc
 
@@ -135,14 +143,61 @@ def shutdown() -> None:
     _current = SINGLE
 
 
-def agree(value: Any, d: Dist | None = None) -> Any:
-    """Rank 0's value on every rank (a decision all ranks must take together)."""
+def agree(value: Any, d: Dist | None = None, patient: bool = False) -> Any:
+    """Rank 0's value on every rank (a decision all ranks must take together). patient: the other ranks may
+    wait here while rank 0 works alone (up to SEARCHREC_DIST_WAIT_S instead of the usual timeout)."""
     d = d or _current
     if not d.enabled:
         return value
     box = [value if d.main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_patient if patient else None)
     return box[0]
+
+
+def gather_objects(value: Any, d: Dist | None = None) -> list[Any]:
+    """Every rank's value, in rank order."""
+    d = d or _current
+    if not d.enabled:
+        return [value]
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def share_files(src: Path, dst: Path, rels: list[str], d: Dist | None = None) -> int:
+    """Rank 0's files or folders `rels` under src, written under dst on the other ranks (which may run on other
+    machines, with no shared disk): how the outputs of a step that rank 0 ran alone reach them. Returns the
+    bytes shared; the other ranks may wait here while rank 0 finishes its step."""
+    d = d or _current
+    if not d.enabled:
+        return 0
+    payload: dict[str, bytes] | None = None
+    if d.main:
+        payload = {}
+        for rel in rels:
+            root = src / rel
+            for f in [root] if root.is_file() else sorted(x for x in root.rglob("*") if x.is_file()):
+                payload[str(f.relative_to(src))] = f.read_bytes()
+    payload = agree(payload, d, patient=True)
+    if not d.main:
+        for rel, data in payload.items():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).write_bytes(data)
+    return sum(len(v) for v in payload.values())
+
+
+def gather_with_grad(t: torch.Tensor, d: Dist | None = None) -> torch.Tensor:
+    """Every rank's rows of t concatenated in rank order (same shape on every rank), this rank's block keeping its
+    autograd graph and the others' detached. A loss over the whole gathered batch, computed the same on every
+    rank and multiplied by the world size, then gives (after DistributedDataParallel's average) the gradient of
+    that loss in one process: each rank back-propagates through its own rows only."""
+    d = d or _current
+    if not d.enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[d.rank] = t
+    return torch.cat(parts)
 
 
 def all_sum(values: list[float], d: Dist | None = None) -> list[float]:

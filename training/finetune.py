@@ -6,11 +6,19 @@ its negatives. Positives come from judgments (relevance >= 2.33) or behaviour lo
 are judged-irrelevant items first, then items BM25 and the current model rank high that nobody
 judged relevant. Early stopping on nDCG@10 of held-out queries over a candidate pool. Full
 fine-tuning or LoRA (peft, merged into the weights before saving, so the bundle holds a plain model).
+
+Data-parallel under torchrun (training.distributed): each step's batch of `batch_size` queries is split across
+the ranks; each rank encodes its queries and their items, the vectors are gathered, and every rank computes the
+loss over the whole batch (all ranks' items are negatives of every query, as in one process); each rank
+back-propagates through its own vectors and DistributedDataParallel averages the gradients, so N processes take
+the step one process would take on the same batch. Decisions (time budget, early stopping) are rank 0's.
 """
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +29,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from common.cpu import cpu_supports_bf16
+from training import distributed as D
 from training.metrics import ndcg_at
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,11 @@ class FinetuneReport:
     precision: str = "float32"
     trainable_params: int = 0
     stopped: str = ""
+    world_size: int = 1  # processes that trained (data-parallel)
+    per_rank_batch: int = 0
+    effective_batch: int = 0  # queries per optimiser step over all processes (batch_size rounded down to world)
+    lr: float = 0.0
+    resumed_at: int = 0  # the step a checkpoint restored (0: trained from the start)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,24 +98,59 @@ def _pool(model, batch, normalize=True):
     return torch.nn.functional.normalize(pooled.float(), dim=-1) if normalize else pooled
 
 
-def pool_sorted(model, tokenizer, texts: list[str], max_length: int, chunks: int, device: str) -> torch.Tensor:
-    """Pooled vectors of texts (in their order), encoded in `chunks` groups of similar length.
+def sorted_chunks(tokenizer, texts: list[str], max_length: int, chunks: int, device: str) -> tuple[list, torch.Tensor]:
+    """texts tokenized in `chunks` groups of similar length, and the permutation that puts the groups' vectors
+    back in the texts' order.
 
     A title batch padded to its longest member is about twice the real tokens; in-batch negatives do
     not care how the item vectors were computed, so encoding them in length-sorted groups gives the
     same loss for less work (measured here: 1.8 s instead of 3.0 s per step of 32 queries)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    parts, placed = [], []
+    batches, placed = [], []
     for k in range(max(1, chunks)):
         idx = order[k * len(texts) // max(1, chunks):(k + 1) * len(texts) // max(1, chunks)]
         if idx:
-            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(device)
-            parts.append(_pool(model, batch))
+            batches.append(tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                                     return_tensors="pt").to(device))
             placed.extend(idx)
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(placed, dtype=torch.long)] = torch.arange(len(texts))
-    return torch.cat(parts)[inverse.to(parts[0].device)]
+    return batches, inverse.to(device)
+
+
+class PairEncoder(torch.nn.Module):
+    """A step's queries and item passages through the one shared encoder in a single call: DistributedDataParallel
+    expects one forward per backward, and the step encodes the queries and each length group of items."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries: dict, item_batches: list, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qv = _pool(self.model, queries)
+        dv = torch.cat([_pool(self.model, b) for b in item_batches])[inverse]
+        return qv, dv
+
+
+def pool_sorted(model, tokenizer, texts: list[str], max_length: int, chunks: int, device: str) -> torch.Tensor:
+    """Pooled vectors of texts (in their order), encoded in `chunks` groups of similar length."""
+    batches, inverse = sorted_chunks(tokenizer, texts, max_length, chunks, device)
+    return torch.cat([_pool(model, b) for b in batches])[inverse]
+
+
+def step_rows(batch: list[tuple[str, int]], neg_rows: list[int], world: int) -> tuple[list[str], list[int], list[int]]:
+    """The whole step's queries, the item rows as gathered from the ranks (rank k's positives then its negatives,
+    rank after rank) and the column of each query's positive: the same layout on every rank and, with one rank,
+    the one-process layout (all positives, then all negatives)."""
+    n = len(batch) // world
+    queries, rows, labels = [], [], []
+    for k in range(world):
+        part = batch[k * n:(k + 1) * n]
+        base = len(rows)
+        queries += [q for q, _ in part]
+        labels += [base + i for i in range(len(part))]
+        rows += [r for _, r in part] + neg_rows[k * n:(k + 1) * n]
+    return queries, rows, labels
 
 
 def make_batches(pairs: list[tuple[str, int]], batch_size: int, rng: random.Random) -> list[list[tuple[str, int]]]:
@@ -129,9 +178,14 @@ def make_batches(pairs: list[tuple[str, int]], batch_size: int, rng: random.Rand
 
 
 def dev_ndcg(model, tokenizer, texts: list[str], dev: DevSet, cfg: FinetuneConfig, device: str) -> float:
+    """nDCG@10 of the dev queries over the dev pool; data-parallel, each rank encodes its share of both."""
     model.eval()
     with torch.inference_mode():
         def enc(strings, max_len):
+            part = D.shard_range(len(strings))
+            return D.gather_rows(enc_local(strings[part.start:part.stop], max_len))
+
+        def enc_local(strings, max_len):
             order = np.argsort([len(s) for s in strings])
             vecs = [None] * len(strings)
             for i in range(0, len(strings), 128):
@@ -141,7 +195,7 @@ def dev_ndcg(model, tokenizer, texts: list[str], dev: DevSet, cfg: FinetuneConfi
                 v = _pool(model, batch).cpu().numpy()
                 for j, row in zip(idx, v):
                     vecs[j] = row
-            return np.stack(vecs) if vecs else np.zeros((0, 1))
+            return np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, model.config.hidden_size), np.float32)
         pool_vecs = enc([texts[r] for r in dev.pool], cfg.item_max_length)
         q_vecs = enc(dev.queries, cfg.query_max_length)
     scores = q_vecs @ pool_vecs.T
@@ -150,24 +204,39 @@ def dev_ndcg(model, tokenizer, texts: list[str], dev: DevSet, cfg: FinetuneConfi
         top = np.argsort(-scores[qi])[:10]
         result.append(ndcg_at([int(dev.pool[t]) for t in top], dev.grades[q], 10))
     model.train()
-    return float(np.mean(result))
+    return D.agree(float(np.mean(result)))  # computed alike on every rank; rank 0's decides
 
 
 def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, int]],
                      hard_negatives: dict[str, list[int]], positives: dict[str, set[int]], dev: DevSet,
                      out_dir: Path, cfg: FinetuneConfig, device: str = "cpu", progress=None,
-                     tracker=None) -> FinetuneReport:
-    """Fine-tune the encoder at base_dir on (query, item row) pairs; saves the best model to out_dir."""
+                     tracker=None, on_step=None, checkpoint: Path | None = None) -> FinetuneReport:
+    """Fine-tune the encoder at base_dir on (query, item row) pairs; saves the best model to out_dir.
+
+    Data-parallel when the process group is joined (training.distributed): every rank calls this with the same
+    arguments; rank 0 alone saves. on_step(step, model, loss) is called after every optimiser step.
+    checkpoint: a file rank 0 writes after every dev evaluation and a later call with the same settings and data
+    resumes from (removed once the encoder is saved)."""
+    d = D.current()
+    if cfg.batch_size < d.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the {d.world} processes: each needs a query")
+    per_rank = cfg.batch_size // d.world
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # the same stream on every rank: the same batches and negatives everywhere
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     model = AutoModel.from_pretrained(base_dir, local_files_only=True).to(device)
     report = FinetuneReport(method=cfg.method, pairs=len(pairs))
+    if getattr(model, "pooler", None) is not None:
+        # Mean pooling never reads the pooler: it gets no gradient, and DistributedDataParallel waits for a gradient
+        # from every trainable parameter.
+        model.pooler.requires_grad_(False)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # The transformer layers' projections; not the pooler's (mean pooling never reads it, so an adapter there
+        # would get no gradient).
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.05,
-                                                 target_modules=["query", "key", "value", "dense"]))
+                                                 target_modules=r".*encoder\.layer\.\d+\..*(query|key|value|dense)"))
         lr = cfg.lr or 5e-4
     elif cfg.method == "full":
         lr = cfg.lr or 3e-5
@@ -179,70 +248,102 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
     else:
         raise ValueError(f"method must be 'full' or 'lora', got {cfg.method!r}")
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.world_size, report.per_rank_batch, report.effective_batch, report.lr = d.world, per_rank, per_rank * d.world, lr
     use_bf16 = device == "cpu" and (cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16)
     report.precision = "bfloat16 autocast" if use_bf16 or device.startswith("cuda") else "float32"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    batches = [b for _ in range(cfg.epochs) for b in make_batches(pairs, cfg.batch_size, rng)]
+    # Every batch holds per_rank queries per rank (leftover pairs that would leave a rank short are dropped).
+    batches = [b[: len(b) // d.world * d.world] for _ in range(cfg.epochs)
+               for b in make_batches(pairs, per_rank * d.world, rng)]
+    batches = [b for b in batches if b]
     total = len(batches) if cfg.max_steps is None else min(cfg.max_steps, len(batches))
     budget_s = max(cfg.max_minutes * 60, 1e-6)
-    clock = {"started": time.perf_counter()}
+    clock = {"elapsed": 0.0}  # rank 0's clock, agreed each step: the schedule must not differ between ranks
 
     def lr_factor(s: int) -> float:
         # Linear warm-up, then linear decay to zero at whichever comes first: the last batch or the
         # end of the time budget (on a slow CPU the budget ends long before the epoch does, and a
         # schedule that only counted steps would stop with the learning rate still high).
-        done = max(s / max(total, 1), (time.perf_counter() - clock["started"]) / budget_s)
+        done = max(s / max(total, 1), clock["elapsed"] / budget_s)
         return min(1.0, (s + 1) / cfg.warmup_steps) * max(0.0, 1 - done)
 
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    started = clock["started"]
-    best = dev_ndcg(model, tokenizer, texts, dev, cfg, device) if dev.queries else 0.0
-    if tracker is not None and dev.queries:
-        tracker.scalar("encoder/valid/dev_ndcg@10", best, 0)
-    report.dev_ndcg_start = report.dev_ndcg_best = best
-    report.history.append((0, best))
-    best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
-    bad_evals = 0
-    model.train()
+    fingerprint = _fingerprint(cfg, d.world, len(texts), pairs)
+    resumed = load_checkpoint(checkpoint, fingerprint, model, optimizer, sched, rng) if checkpoint else None
+    net: torch.nn.Module = PairEncoder(model)
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # (Wrapping copies rank 0's weights to the other ranks: a resumed model reaches them here.)
+        net = DistributedDataParallel(net, device_ids=[d.local_rank] if device.startswith("cuda") else None,
+                                      forward_sync_buffers=False)  # the buffers are constants (position ids)
+        torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # dropout: each rank its own masks
+    first = 0
+    if resumed is not None:
+        first, best, best_state, bad_evals = resumed["step"], resumed["best"], resumed["best_state"], resumed["bad_evals"]
+        report.history, report.best_step = [tuple(h) for h in resumed["history"]], resumed["best_step"]
+        report.dev_ndcg_start, clock["elapsed"] = resumed["dev_ndcg_start"], resumed["elapsed"]
+        torch.set_rng_state(resumed["torch_rng"][d.rank])
+        report.resumed_at = first
+        log.info("fine-tuning resumes after step %d (checkpoint %s)", first, checkpoint)
+    started = time.perf_counter() - clock["elapsed"]  # the time budget counts the time already spent
+    if resumed is None:
+        best = dev_ndcg(model, tokenizer, texts, dev, cfg, device) if dev.queries else 0.0
+        if tracker is not None and dev.queries:
+            tracker.scalar("encoder/valid/dev_ndcg@10", best, 0)
+        report.dev_ndcg_start = best
+        report.history.append((0, best))
+        best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+        bad_evals = 0
+    net.train()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
     step = 0
     for step, batch in enumerate(batches[:total], start=1):
-        queries = [q for q, _ in batch]
-        pos_rows = [r for _, r in batch]
+        if step <= first:  # done before the checkpoint (the rng state restored includes its draws)
+            continue
         neg_rows = []
-        for q, r in batch:
+        for q, r in batch:  # drawn for the whole batch on every rank: the rng streams stay in step
             cands = [n for n in hard_negatives.get(q, []) if n not in positives.get(q, ())]
             neg_rows.append(rng.choice(cands) if cands else rng.randrange(len(texts)))
-        doc_rows = pos_rows + neg_rows
-        qb = tokenizer(queries, padding=True, truncation=True, max_length=cfg.query_max_length,
+        queries, doc_rows, labels = step_rows(batch, neg_rows, d.world)
+        n = len(batch) // d.world
+        mine_q = queries[d.rank * n:(d.rank + 1) * n]
+        mine_docs = doc_rows[d.rank * 2 * n:(d.rank + 1) * 2 * n]
+        qb = tokenizer(mine_q, padding=True, truncation=True, max_length=cfg.query_max_length,
                        return_tensors="pt").to(device)
+        item_batches, inverse = sorted_chunks(tokenizer, [texts[r] for r in mine_docs], cfg.item_max_length,
+                                              cfg.item_chunks, device)
         with autocast:
-            qv = _pool(model, qb)
-            dv = pool_sorted(model, tokenizer, [texts[r] for r in doc_rows], cfg.item_max_length, cfg.item_chunks,
-                             device)
+            qv, dv = net(qb, item_batches, inverse)
+        qv, dv = D.gather_with_grad(qv), D.gather_with_grad(dv)
         logits = cfg.scale * qv @ dv.T
         mask = torch.zeros_like(logits, dtype=torch.bool)
         for i, q in enumerate(queries):  # another query's positive may be a positive of this one too
             known = positives.get(q, ())
             for j, r in enumerate(doc_rows):
-                if j != i and r in known:
+                if j != labels[i] and r in known:
                     mask[i, j] = True
         logits = logits.masked_fill(mask, -1e4)
-        loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(batch), device=logits.device))
-        loss.backward()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+        # Every rank holds the whole batch's loss but back-propagates through its own vectors only; the average
+        # that DistributedDataParallel takes over ranks is then 1/world of the one-process gradient.
+        (loss * d.world).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        clock["elapsed"] = D.agree(time.perf_counter() - started)
         sched.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
+        if on_step is not None:
+            on_step(step, model, loss_value)
         if progress is not None:
             progress(1, loss_value)
         if tracker is not None:
             tracker.scalar("encoder/train/loss", loss_value, step)
             tracker.scalar("encoder/train/learning_rate", sched.get_last_lr()[0], step)
-        elapsed = time.perf_counter() - started
-        out_of_time = elapsed > cfg.max_minutes * 60
+            tracker.scalar("encoder/train/samples_per_s", step * len(batch) / max(clock["elapsed"], 1e-9), step)
+        out_of_time = clock["elapsed"] > cfg.max_minutes * 60
         if dev.queries and (step % cfg.eval_every == 0 or step == total or out_of_time):
             score = dev_ndcg(model, tokenizer, texts, dev, cfg, device)
             report.history.append((step, score))
@@ -258,17 +359,73 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
                 if bad_evals >= cfg.patience:
                     report.stopped = f"early stop at step {step}: no dev gain in {bad_evals} evaluations"
                     break
+            if checkpoint is not None and not out_of_time and step < total:
+                save_checkpoint(checkpoint, fingerprint, model, optimizer, sched, rng, {
+                    "step": step, "best": best, "best_state": best_state, "bad_evals": bad_evals,
+                    "history": report.history, "best_step": report.best_step,
+                    "dev_ndcg_start": report.dev_ndcg_start, "elapsed": clock["elapsed"]})
         if out_of_time:
             report.stopped = f"time budget of {cfg.max_minutes} min reached at step {step}"
             break
+    del net  # the DistributedDataParallel wrapper holds collective state; gone before the group is
     report.steps = step
     report.stopped = report.stopped or "all batches done"
     report.dev_ndcg_best = best
     report.seconds = time.perf_counter() - started
-    model.load_state_dict(best_state)
-    if cfg.method == "lora":
-        model = model.merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    if d.main:  # the ranks hold the same weights; rank 0 writes them (the pipeline sends them where needed)
+        model.load_state_dict(best_state)
+        if cfg.method == "lora":
+            model = model.merge_and_unload()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)  # the encoder is saved: nothing left to resume
     return report
+
+
+def _fingerprint(cfg: FinetuneConfig, world: int, n_texts: int, pairs: list[tuple[str, int]]) -> str:
+    """What a checkpoint must have been trained with to be resumed: settings, process count and data."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([asdict(cfg), world, n_texts], sort_keys=True, default=str).encode())
+    for q, r in pairs:
+        h.update(f"{q}\t{r}\n".encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, fingerprint: str, model, optimizer, sched, rng: random.Random, state: dict) -> None:
+    """After a dev evaluation: everything the loop needs to go on from this step (rank 0 writes; every rank's
+    dropout generator state is gathered so that each resumes its own)."""
+    torch_rng = D.gather_objects(torch.get_rng_state())
+    if not D.current().main:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sched": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch_rng, **state}, tmp)
+    os.replace(tmp, path)  # a kill while writing leaves the previous checkpoint whole
+
+
+def load_checkpoint(path: Path, fingerprint: str, model, optimizer, sched, rng: random.Random) -> dict | None:
+    """Restore the loop's state from rank 0's checkpoint into every rank (None: none, or one of other settings)."""
+    state = None
+    if D.current().main and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s was written with other settings or data: fine-tuning starts over", path)
+            state = None
+    # The other ranks need the optimiser's moments and the loop's counters, not the weights (the wrapper copies
+    # rank 0's) or the best state (rank 0 alone saves it).
+    shared = D.agree(None if state is None else {k: v for k, v in state.items() if k not in ("model", "best_state")},
+                     patient=True)
+    if shared is None:
+        return None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        shared["best_state"] = state["best_state"]
+    else:
+        shared["best_state"] = None
+    optimizer.load_state_dict(shared["optimizer"])
+    sched.load_state_dict(shared["sched"])
+    rng.setstate(shared["rng"])
+    return shared

@@ -6,6 +6,13 @@ Every step writes its outputs into a work directory together with a marker that 
 fingerprint of its inputs; re-running skips steps whose marker matches, so an interrupted build
 restarts where it stopped. The final bundle is assembled in a temporary sibling of --out and renamed
 into place only when it is complete and evaluated.
+
+Data-parallel under torchrun (training.distributed): rank 0 owns the work directory and its markers and alone
+runs prepare, rerank and assemble; the other ranks work in a private folder of their own (they may be on other
+machines) and join the collective steps: zero-shot encoding and the final catalog encoding (each rank its share
+of the catalog), hard-negative mining (each rank its share of the queries) and encoder fine-tuning
+(DistributedDataParallel). What a rank needs from a step it did not run (the prepared data, the fine-tuned
+encoder), rank 0 sends it (share_files).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +38,9 @@ from common.text import term_ids
 from kernels import FEATURE_NAMES
 from kernels import features as K
 from training import data as D
-from training.bundle_writer import BuildOptions, build_lexical, passage_text, seal, similar_spec, write_bundle
+from training import distributed as dist
+from training.bundle_writer import (BuildOptions, build_lexical, encode_catalog, passage_text, seal, similar_spec,
+                                   write_bundle)
 from training.finetune import DevSet, FinetuneConfig, finetune_encoder
 from training.reranker import TREES_FILE, StageSearcher, export_lightgbm, labels_for, train_lambdamart
 from training.tracking import NULL
@@ -64,7 +74,10 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.notes: dict[str, Any] = {}
         self.tracker = NULL  # the CLI sets rank 0's TensorBoard writer (training.tracking)
-        cfg.work.mkdir(parents=True, exist_ok=True)
+        self._have: set[str] = set()  # work-dir entries this rank holds (other ranks than 0: received or made)
+        self._alone = False  # rank 0 after the other ranks' last step: no more collectives
+        if dist.current().main:
+            cfg.work.mkdir(parents=True, exist_ok=True)
 
     # --- restartable steps ------------------------------------------------------------------
     def _done(self, step: str, key: dict) -> bool:
@@ -74,17 +87,33 @@ class Pipeline:
     def _mark(self, step: str, key: dict, info: dict | None = None) -> None:
         (self.cfg.work / f"{step}.done.json").write_text(json.dumps({"key": key, "info": info or {}}, indent=2))
 
-    def _step(self, name: str, key: dict, fn: Callable[[], dict | None]) -> None:
+    def _step(self, name: str, key: dict, fn: Callable[[], dict | None], shared: bool = False,
+              needs: tuple[str, ...] = (), makes: tuple[str, ...] = ()) -> None:
+        """Run fn unless rank 0's marker says the step is up to date. shared: every rank runs fn (after receiving
+        the work-dir entries it `needs` from rank 0; afterwards it holds what the step `makes`); otherwise rank
+        0 alone runs it while the others go on to their next shared step (and wait there)."""
+        d = dist.current()
         started = time.perf_counter()
-        if self._done(name, key):
+        # Rank 0's markers decide for every rank (the others have none); the others may wait here meanwhile.
+        done = (self._done(name, key) if self._alone or not d.enabled
+                else dist.agree(self._done(name, key) if d.main else None, patient=True))
+        if done:
             log.info("step %s: up to date, skipped", name)
             self.timings[name] = 0.0
-            info = json.loads((self.cfg.work / f"{name}.done.json").read_text()).get("info", {})
-        else:
+            info = json.loads((self.cfg.work / f"{name}.done.json").read_text()).get("info", {}) if d.main else {}
+        elif shared or d.main:
+            if d.enabled and shared:
+                missing = [n for n in needs if n not in self._have]
+                dist.share_files(self.cfg.work, self.cfg.work, missing)
+                self._have.update(missing)
             log.info("step %s ...", name)
             info = fn() or {}
-            self._mark(name, key, info)
+            if d.main:
+                self._mark(name, key, info)
+            self._have.update(makes)
             self.timings[name] = round(time.perf_counter() - started, 1)
+        else:
+            info = {}
         self.notes[name] = info
 
     def fingerprints(self) -> dict[str, str]:
@@ -113,18 +142,18 @@ class Pipeline:
     def zero_shot(self) -> dict:
         items, _ = self.load_prepared()
         enc = TextEncoder(self.cfg.pretrained, device=self.cfg.device, dtype=self.cfg.dtype)
-        texts = self.texts(items)
-        with tqdm(total=len(texts), desc="encode zero-shot", unit="item") as bar:
-            vecs = enc.encode(texts, batch_size=64, progress=bar.update)
+        vecs = encode_catalog(enc, items, 64)  # data-parallel: each rank its share, gathered
         np.save(self.cfg.work / "zero_shot.npy", vecs.astype(np.float16))
-        return {"items": len(texts)}
+        return {"items": len(items)}
 
     def mine(self) -> dict:
         """Hard negatives per training query: judged-irrelevant items, then BM25 and zero-shot top 30."""
         items, judgments = self.load_prepared()
         row = {i: n for n, i in enumerate(items["item_id"])}
         train = judgments[judgments.split == "train"]
-        queries = sorted(train["query"].unique())
+        every_query = sorted(train["query"].unique())
+        part = dist.shard_range(len(every_query))  # data-parallel: each rank mines its share of the queries
+        queries = every_query[part.start:part.stop]
         arrays, words = build_lexical(items, 1.2, 0.75)
         vocab = {w: i for i, w in enumerate(words)}
         vecs = np.load(self.cfg.work / "zero_shot.npy").astype(np.float32)
@@ -133,7 +162,7 @@ class Pipeline:
         enc = TextEncoder(self.cfg.pretrained, device=self.cfg.device, dtype=self.cfg.dtype)
         by_query = {q: g for q, g in train.groupby("query")}
         negatives: dict[str, list[int]] = {}
-        for s in tqdm(range(0, len(queries), 256), desc="mine negatives", unit="batch"):
+        for s in tqdm(range(0, len(queries), 256), desc="mine negatives", unit="batch", disable=not dist.current().main):
             qs = queries[s : s + 256]
             dense = index.search(enc.encode(qs, batch_size=128), 30)[1]
             toks = [term_ids(q, vocab) for q in qs]
@@ -148,6 +177,8 @@ class Pipeline:
                 lex = K.topn_masked(bm25[i], np.empty(0, np.bool_), 30)[3:]
                 mined = [int(r) for r in np.concatenate([lex, dense[i][3:]]) if r >= 0 and int(r) not in judged_any]
                 negatives[q] = judged_low + list(dict.fromkeys(mined))[:20]
+        if dist.current().enabled:
+            negatives = {q: v for share in dist.gather_objects(negatives) for q, v in share.items()}
         (self.cfg.work / "negatives.json").write_text(json.dumps(negatives))
         return {"queries": len(negatives), "mean_negatives": float(np.mean([len(v) for v in negatives.values()]))}
 
@@ -177,27 +208,36 @@ class Pipeline:
         if out.exists():
             shutil.rmtree(out)
         total = len(pairs) // self.cfg.finetune.batch_size * self.cfg.finetune.epochs
-        with tqdm(total=total, desc=f"finetune ({self.cfg.finetune.method})", unit="step") as bar:
+        with tqdm(total=total, desc=f"finetune ({self.cfg.finetune.method})", unit="step",
+                  disable=not dist.current().main) as bar:
             def progress(n, loss):
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss:.3f}")
 
             report = finetune_encoder(self.cfg.pretrained, self.texts(items), pairs, negatives, positives, dev, out,
                                       self.cfg.finetune, device=self.cfg.device, progress=progress,
-                                      tracker=self.tracker)
-        (out / "finetune_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+                                      tracker=self.tracker,
+                                      checkpoint=self.cfg.work / f"finetune_{self.cfg.finetune.method}.ckpt")
+        if dist.current().main:
+            (out / "finetune_report.json").write_text(json.dumps(report.as_dict(), indent=2))
         return report.as_dict()
 
     # --- stage bundle, reranker, final bundle -------------------------------------------------
     def stage(self) -> dict:
         items, judgments = self.load_prepared()
+        encoder_dir = self.cfg.work / f"encoder_{self.cfg.finetune.method}"
+        if not dist.current().main:  # its share of the catalog encoding inside write_bundle; rank 0 writes the rest
+            enc = TextEncoder(encoder_dir, device=self.cfg.device, dtype=self.cfg.dtype,
+                              max_length=BuildOptions.max_length)
+            encode_catalog(enc, items.reset_index(drop=True), 64)
+            return {}
         stage = self.cfg.work / "stage"
         if stage.exists():
             shutil.rmtree(stage)
         # A large catalog's ANN index is tuned on real queries the encoder did not train on (the rerank
         # split; training queries sit closer to their items and flatter recall), never on test queries.
         tuning_queries = sorted(set(judgments.loc[judgments.split == "rerank", "query"]))
-        opts = BuildOptions(encoder_dir=self.cfg.work / f"encoder_{self.cfg.finetune.method}",
+        opts = BuildOptions(encoder_dir=encoder_dir,
                             encoder_name=f"all-MiniLM-L6-v2 fine-tuned ({self.cfg.finetune.method})",
                             name=self.cfg.name, device=self.cfg.device, dtype=self.cfg.dtype, batch_size=64,
                             data_fingerprints=self.fingerprints(), tuning_queries=tuning_queries,
@@ -283,19 +323,39 @@ class Pipeline:
             raise
         return manifest
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
+        """Build the bundle; returns its manifest (None on data-parallel ranks other than 0, which write nothing
+        and stop after their last collective step)."""
         if self.cfg.out.exists():
             raise FileExistsError(f"{self.cfg.out}: output directory already exists; choose a new path")
+        d = dist.current()
+        if d.main:
+            return self._run()
+        work, self.cfg.work = self.cfg.work, Path(tempfile.mkdtemp(prefix=f"searchrec-rank{d.rank}-"))
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.cfg.work, ignore_errors=True)
+            self.cfg.work = work
+
+    def _run(self) -> dict[str, Any] | None:
         fp = self.fingerprints()
         ft = asdict(self.cfg.finetune)
+        encoder = f"encoder_{ft['method']}"
         self._step("prepare", {"inputs": fp}, self.prepare)
         # The precision is part of each encoding step's key: a work dir reused with another --dtype (or
         # on a CPU of the other kind, where auto resolves differently) encodes again.
         self._step("zero_shot", {"inputs": fp, "pretrained": str(self.cfg.pretrained), "dtype": self.cfg.dtype},
-                   self.zero_shot)
-        self._step("mine", {"inputs": fp}, self.mine)
-        self._step(f"finetune_{ft['method']}", {"inputs": fp, "finetune": ft}, self.finetune)
-        self._step("stage", {"inputs": fp, "finetune": ft, "dtype": self.cfg.dtype}, self.stage)
+                   self.zero_shot, shared=True, needs=("prepared",), makes=("zero_shot.npy",))
+        self._step("mine", {"inputs": fp}, self.mine, shared=True, needs=("prepared", "zero_shot.npy"),
+                   makes=("negatives.json",))
+        self._step(f"finetune_{ft['method']}", {"inputs": fp, "finetune": ft}, self.finetune, shared=True,
+                   needs=("prepared", "negatives.json"))  # rank 0 saves the encoder; the stage step sends it
+        self._step("stage", {"inputs": fp, "finetune": ft, "dtype": self.cfg.dtype}, self.stage, shared=True,
+                   needs=("prepared", encoder))
+        if not dist.current().main:
+            return None  # the rest is rank 0's
+        self._alone = True
         self._step("rerank", {"inputs": fp, "finetune": ft, "dtype": self.cfg.dtype, "candidates": self.cfg.candidates,
                               "features": list(FEATURE_NAMES)}, self.rerank)
         t0 = time.perf_counter()
