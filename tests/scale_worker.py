@@ -4,6 +4,8 @@
                                                           digest of the weights after every step and the losses
     python tests/scale_worker.py build KILL_AT ARGS...    `python -m training build ARGS`, killed (SIGKILL) at
                                                           optimiser step KILL_AT (0 = never)
+    python tests/scale_worker.py classify KILL_AT ARGS... `python -m training ARGS`, killed (SIGKILL) in the
+                                                          classifier's epoch KILL_AT
     python tests/scale_worker.py finetune BASE OUT BATCH [KILL_AT]
                                                           fine-tune the tiny encoder at BASE (tiny_encoder) with
                                                           BATCH queries a step (checkpoint OUT/finetune.ckpt),
@@ -117,6 +119,24 @@ def finetune(base: Path, out: Path, batch: int, kill_at: int = 0) -> None:
     D.shutdown()
 
 
+def classify(kill_at: int, argv: list[str]) -> int:
+    """`python -m training ARGV` (a classifier build), SIGKILLed when the classifier's epoch KILL_AT has trained
+    (before its checkpoint is written); 0 = never."""
+    import training.classifier_build as cb
+    from training.__main__ import main
+
+    real, epochs = cb.dev_accuracy, [0]
+
+    def killing(*args, **kwargs):
+        epochs[0] += 1
+        if kill_at and epochs[0] >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    cb.dev_accuracy = killing
+    return main(argv)
+
+
 def build(kill_at: int, argv: list[str]) -> int:
     import training.recbuild as recbuild
     from training.__main__ import main
@@ -140,6 +160,8 @@ if __name__ == "__main__":
         finetune(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     elif sys.argv[1] == "tiny-encoder":
         tiny_encoder(Path(sys.argv[2]))
+    elif sys.argv[1] == "classify":
+        sys.exit(classify(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1] == "build":
         sys.exit(build(int(sys.argv[2]), sys.argv[3:]))
     else:

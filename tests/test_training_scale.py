@@ -182,6 +182,34 @@ def test_a_fine_tuning_killed_mid_way_resumes_from_its_checkpoint_to_the_same_en
     assert not (tmp_path / "cut" / "finetune.ckpt").exists()  # removed once the encoder is saved
 
 
+def test_a_classifier_build_killed_mid_way_resumes_after_its_last_epoch(tmp_path):
+    from tests.test_classify import synthetic_csv
+
+    data = synthetic_csv(tmp_path / "shop.csv")
+
+    def args(out):
+        return ["build-classifier", "--data", str(data), "--out", str(tmp_path / out), "--epochs", "3",
+                "--max-minutes", "10", "--device", "cpu", "--dtype", "float32", "--no-track"]
+
+    whole = _run([str(WORKER), "classify", "0", *args("whole")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _run([str(WORKER), "classify", "3", *args("cut")])  # dies after epoch 3's training, before its end
+    assert killed.returncode != 0 and (tmp_path / "cut.work" / "classifier.ckpt").is_file()
+    assert not (tmp_path / "cut").exists()
+    again = _run(["-m", "training", *args("cut")])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumes after epoch 2" in again.stderr
+    ref = json.loads((tmp_path / "whole" / "manifest.json").read_text())["classifier"]["metrics"]["dense"]["epochs"]
+    res = json.loads((tmp_path / "cut" / "manifest.json").read_text())["classifier"]["metrics"]["dense"]["epochs"]
+    assert [e["epoch"] for e in res] == [1, 2, 3]  # the resumed build's history holds the epochs before the kill
+    assert np.allclose([e["loss"] for e in res], [e["loss"] for e in ref], atol=1e-4)
+    assert [round(e["dev_leaf_accuracy"], 3) for e in res] == [round(e["dev_leaf_accuracy"], 3) for e in ref]
+    a = load_file(str(tmp_path / "whole" / "classifier" / "head.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "classifier" / "head.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+    assert not (tmp_path / "cut.work").exists()  # the checkpoint is gone once the classifier is written
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     from training.recommender import SeqRecConfig, train_seqrec
     from tests.scale_worker import tiny_split

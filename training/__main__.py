@@ -15,14 +15,16 @@
     update --bundle OLD --events STATE_DIR|LOG|redis://.. --out NEW   warm-start the recommender on new events
     compare RUN_A RUN_B                                  two tracked runs (runs/<name>-<time>) side by side
 
-Data-parallel: `torchrun --nproc-per-node N -m training build ...` (or `build ... --nproc-per-node N`, which
-calls torchrun); several machines: torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT.
+Data-parallel: `torchrun --nproc-per-node N -m training build|build-classifier|update ...` (or the command
+with `--nproc-per-node N`, which calls torchrun); several machines: torchrun --nnodes M --rdzv-backend c10d
+--rdzv-endpoint HOST:PORT.
 
 Exit status 0 on success; 2 with one clear message (file, row, problem) on bad input.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -272,16 +274,21 @@ def cmd_build_classifier(args: argparse.Namespace) -> int:
         raise DeviceError("build-classifier trains on the CPU for now; pass --device cpu")
     bf16 = resolve_dtype(device, args.dtype) == "bfloat16"
     D.from_env(device)
+    work = args.out.parent / f"{args.out.name}.work"  # the per-epoch checkpoint: a rerun resumes from it
+    if D.current().main:
+        work.mkdir(parents=True, exist_ok=True)
     tracker = _tracker(args, f"classifier-{args.out.name}")
     try:
         summary = build_classifier(args.data, args.out, args.max_minutes, args.epochs, args.seed, args.encoder, bf16,
-                                   tracker=tracker)
+                                   tracker=tracker, checkpoint=work / "classifier.ckpt")
         if D.current().main:
             tracker.table("classifier/summary", {k: v for k, v in summary.get("test", {}).items()
                                                  if isinstance(v, (int, float))})
     finally:
         tracker.close()
     if D.current().main:
+        with contextlib.suppress(OSError):
+            work.rmdir()  # empty once the classifier is written
         _print_classifier_summary(args.out, summary, bf16)
     return 0
 
@@ -428,13 +435,15 @@ def cmd_build_with_classifier(args: argparse.Namespace) -> int:
     building = out.parent / f".{out.name}.building-{os.getpid() if d.main else 0}"
     trained = out.parent / f".{out.name}.classifier-{os.getpid() if d.main else 0}"
     try:
+        work = args.work or out.parent / f"{out.name}.work"
         if source is None:  # data-parallel: every rank joins the fine-tuning, rank 0 writes
+            if d.main:
+                work.mkdir(parents=True, exist_ok=True)
             summary = build_classifier(Path(data), trained, args.classifier_minutes, args.classifier_epochs, args.seed,
-                                       args.encoder, bf16)
+                                       args.encoder, bf16, checkpoint=work / "classifier.ckpt")
             if d.main:
                 _print_classifier_summary(trained, summary, bf16)
             source = trained
-        work = args.work or out.parent / f"{out.name}.work"
         inner = argparse.Namespace(**{**vars(args), "out": building, "work": work, "classifier": False,
                                       "classifier_data": None, "classifier_from": None})
         cmd_build(inner)

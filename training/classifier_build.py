@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,10 +35,12 @@ AUTOFILL_PRECISION = 0.95
 
 def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: int, dev_texts: list[str],
                 dev_y: np.ndarray, budget_s: float, epochs: int, bf16: bool, seed: int,
-                batch: int = 32, tracker=None) -> tuple[DenseClassifier, Any, dict]:
+                batch: int = 32, tracker=None, checkpoint: Path | None = None) -> tuple[DenseClassifier, Any, dict]:
     """Fine-tune MiniLM + head. Data-parallel when the process group is joined (training.distributed): every rank
     calls this with the same arguments; each step's `batch` rows are split across the ranks, the gradients
-    averaged (DistributedDataParallel), the dev split encoded in shares; time and best-epoch decisions are rank 0's."""
+    averaged (DistributedDataParallel), the dev split encoded in shares; time and best-epoch decisions are rank 0's.
+    checkpoint: a file rank 0 writes after every epoch and a later call with the same data and settings resumes
+    from (removed once training ends)."""
     from transformers import AutoModel, AutoTokenizer
 
     d = D.current()
@@ -57,12 +60,6 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
     head_params = list(model.head.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 1e-4},
                              {"params": head_params, "lr": 3e-3}], weight_decay=0.01)
-    net: torch.nn.Module = model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, forward_sync_buffers=False)  # the buffers are constants
-        torch.manual_seed(seed * 1000 + d.rank + 1)  # dropout: each rank its own masks
     per_rank = batch // d.world
     step_rows = per_rank * d.world  # rows per optimiser step over all ranks
     steps_per_epoch = (len(texts) + step_rows - 1) // step_rows
@@ -73,9 +70,25 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (plan["total"] - s) / max(plan["total"] - warmup, 1))))
     rng = np.random.default_rng(seed)  # the same stream on every rank: the same batches everywhere
-    started = time.perf_counter()
-    best, best_acc, history, step = None, -1.0, [], 0
-    for epoch in range(epochs):
+    best, best_acc, history, step, first_epoch, spent = None, -1.0, [], 0, 0, 0.0
+    fingerprint = _fingerprint(texts, y, n_classes, epochs, batch, seed, bf16, d.world) if checkpoint else ""
+    resumed = _load_checkpoint(checkpoint, fingerprint, model, opt, sched) if checkpoint else None
+    if resumed is not None:
+        rng.bit_generator.state = resumed["rng"]
+        plan["total"], step, first_epoch, spent = resumed["plan_total"], resumed["step"], resumed["epoch"], resumed["elapsed"]
+        best, best_acc, history = resumed["best"], resumed["best_acc"], resumed["history"]
+        log.info("classifier: resumes after epoch %d (checkpoint %s)", first_epoch, checkpoint)
+    net: torch.nn.Module = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # (Wrapping copies rank 0's weights to the other ranks: a resumed model reaches them here.)
+        net = DistributedDataParallel(model, forward_sync_buffers=False)  # the buffers are constants
+        torch.manual_seed(seed * 1000 + d.rank + 1)  # dropout: each rank its own masks
+    if resumed is not None:
+        torch.set_rng_state(resumed["torch_rng"][d.rank])
+    started = time.perf_counter() - spent  # the time budget counts the time already spent
+    for epoch in range(first_epoch, epochs):
         net.train()
         # Shuffle, then sort within chunks of 50 batches by length: little padding, still random batches.
         perm = rng.permutation(len(texts))
@@ -130,10 +143,59 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
             best_acc, best = dev_acc, copy.deepcopy(model.state_dict())
         if out_of_time:
             break
+        if checkpoint is not None and epoch + 1 < epochs:
+            _save_checkpoint(checkpoint, fingerprint, model, opt, sched, {
+                "rng": rng.bit_generator.state, "plan_total": plan["total"], "step": step, "epoch": epoch + 1,
+                "elapsed": D.agree(time.perf_counter() - started), "best": best, "best_acc": best_acc,
+                "history": history})
     del net  # the DistributedDataParallel wrapper holds collective state; gone before the group is
-    model.load_state_dict(best)
+    if best is not None:  # (ranks other than 0 that resumed hold no best state; only rank 0's is saved)
+        model.load_state_dict(best)
+    if checkpoint is not None and d.main:
+        checkpoint.unlink(missing_ok=True)  # trained: nothing left to resume
     return model, tok, {"epochs": history, "best_dev_leaf_accuracy": best_acc, "batch_size": step_rows,
                         "world_size": d.world, "per_rank_batch": per_rank, "lr": {"encoder": 1e-4, "head": 3e-3}}
+
+
+def _fingerprint(texts: list[str], y: np.ndarray, n_classes: int, epochs: int, batch: int, seed: int, bf16: bool,
+                 world: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([n_classes, epochs, batch, seed, bf16, world, len(texts)]).encode())
+    h.update("\n".join(texts).encode())
+    h.update(np.asarray(y, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, fingerprint: str, model, opt, sched, state: dict) -> None:
+    """After an epoch: rank 0 writes what the loop needs to go on (every rank's dropout rng gathered)."""
+    torch_rng = D.gather_objects(torch.get_rng_state())
+    if not D.current().main:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "torch_rng": torch_rng, **state}, tmp)
+    os.replace(tmp, path)  # a kill while writing leaves the previous checkpoint whole
+
+
+def _load_checkpoint(path: Path, fingerprint: str, model, opt, sched) -> dict | None:
+    """Rank 0's checkpoint restored on every rank (None: none, or one of other data or settings)."""
+    state = None
+    if D.current().main and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s was written for other data or settings: the classifier trains from the start", path)
+            state = None
+    shared = D.agree(None if state is None else {k: v for k, v in state.items() if k not in ("model", "best")},
+                     patient=True)
+    if shared is None:
+        return None
+    shared["best"] = state["best"] if state is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+    opt.load_state_dict(shared["opt"])
+    sched.load_state_dict(shared["sched"])
+    return shared
 
 
 def dev_accuracy(model: DenseClassifier, tok, texts: list[str], y: np.ndarray, bf16: bool) -> float:
@@ -164,11 +226,13 @@ def fit_blend(sparse_scores: np.ndarray, dense_logits: np.ndarray, y: np.ndarray
 
 
 def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: int = 12, seed: int = 0,
-                     encoder_dir: Path | None = None, bf16: bool = False, tracker=None) -> dict[str, Any]:
+                     encoder_dir: Path | None = None, bf16: bool = False, tracker=None,
+                     checkpoint: Path | None = None) -> dict[str, Any]:
     """Train on the train split of `data`, fit the blend on dev, report test, write the bundle to `out`.
 
     Data-parallel (training.distributed): rank 0 reads the data, fits the linear model and sends the network's
-    training rows to the other ranks, which join the fine-tuning and return {} (rank 0 writes everything)."""
+    training rows to the other ranks, which join the fine-tuning and return {} (rank 0 writes everything).
+    checkpoint: the network's per-epoch checkpoint (a rerun with the same data and settings resumes from it)."""
     from safetensors.torch import save_file
 
     from training.__main__ import default_encoder_dir
@@ -177,7 +241,7 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
     encoder_dir = Path(encoder_dir or default_encoder_dir())
     if not D.current().main:
         rows = D.agree(None, patient=True)  # waits while rank 0 reads the data and fits the linear model
-        train_dense(encoder_dir, *rows, epochs, bf16, seed)
+        train_dense(encoder_dir, *rows, epochs, bf16, seed, checkpoint=checkpoint)
         return {}
     df = read_catalog(data)
     df["split"] = [split_of(t) for t in df["title"]]
@@ -197,7 +261,7 @@ def build_classifier(data: Path, out: Path, max_minutes: float = 15.0, epochs: i
     budget = max(60.0, 60.0 * max_minutes - elapsed_s(started) - reserve)
     D.agree((t_train, y_train, len(tax.leaves), t_dev, y_dev, budget), patient=True)  # the other ranks' rows
     dense, tok, report = train_dense(encoder_dir, t_train, y_train, len(tax.leaves), t_dev, y_dev, budget, epochs,
-                                     bf16, seed, tracker=tracker)
+                                     bf16, seed, tracker=tracker, checkpoint=checkpoint)
     dev_sparse, dev_dense = sparse.scores(t_dev), logits_of(dense, tok, t_dev, bf16)  # one pass each, used twice
     blend = fit_blend(dev_sparse, dev_dense, y_dev)
     clf = Classifier(tax, sparse, dense, tok, blend, bf16)

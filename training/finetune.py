@@ -132,12 +132,6 @@ class PairEncoder(torch.nn.Module):
         return qv, dv
 
 
-def pool_sorted(model, tokenizer, texts: list[str], max_length: int, chunks: int, device: str) -> torch.Tensor:
-    """Pooled vectors of texts (in their order), encoded in `chunks` groups of similar length."""
-    batches, inverse = sorted_chunks(tokenizer, texts, max_length, chunks, device)
-    return torch.cat([_pool(model, b) for b in batches])[inverse]
-
-
 def step_rows(batch: list[tuple[str, int]], neg_rows: list[int], world: int) -> tuple[list[str], list[int], list[int]]:
     """The whole step's queries, the item rows as gathered from the ranks (rank k's positives then its negatives,
     rank after rank) and the column of each query's positive: the same layout on every rank and, with one rank,
@@ -385,10 +379,12 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
 
 
 def _fingerprint(cfg: FinetuneConfig, world: int, n_texts: int, pairs: list[tuple[str, int]]) -> str:
-    """What a checkpoint must have been trained with to be resumed: settings, process count and data."""
+    """What a checkpoint must have been trained with to be resumed: settings (not the time budget: a rerun may give
+    itself more time), process count and data."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps([asdict(cfg), world, n_texts], sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
+    h = hashlib.sha256(json.dumps([settings, world, n_texts], sort_keys=True, default=str).encode())
     for q, r in pairs:
         h.update(f"{q}\t{r}\n".encode())
     return h.hexdigest()
