@@ -4,6 +4,7 @@
                                                           digest of the weights after every step and the losses
     python tests/scale_worker.py build KILL_AT ARGS...    `python -m training build ARGS`, killed (SIGKILL) at
                                                           optimiser step KILL_AT (0 = never)
+    python tests/scale_worker.py index OUT                build an IVF-PQ index with every rank adding a share
     python tests/scale_worker.py classify KILL_AT ARGS... `python -m training ARGS`, killed (SIGKILL) in the
                                                           classifier's epoch KILL_AT
     python tests/scale_worker.py finetune BASE OUT BATCH [KILL_AT]
@@ -119,6 +120,28 @@ def finetune(base: Path, out: Path, batch: int, kill_at: int = 0) -> None:
     D.shutdown()
 
 
+def index(out: Path) -> None:
+    """Build the ANN index of 5,000 random vectors (above a flat limit of 1,000: IVF-PQ) with every rank adding its
+    share; rank 0 writes OUT/index.faiss and OUT/vectors.npy."""
+    import faiss
+    import numpy as np
+
+    from training.bundle_writer import build_index, index_share
+
+    d = D.from_env("cpu")
+    x = np.random.default_rng(7).normal(size=(5000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if d.main:
+        built, params = build_index(x, flat_max_items=1000)
+        out.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(built, str(out / "index.faiss"))
+        np.save(out / "vectors.npy", x)
+        (out / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "tried"}))
+    else:
+        index_share(x, flat_max_items=1000)
+    D.shutdown()
+
+
 def classify(kill_at: int, argv: list[str]) -> int:
     """`python -m training ARGV` (a classifier build), SIGKILLed when the classifier's epoch KILL_AT has trained
     (before its checkpoint is written); 0 = never."""
@@ -160,6 +183,8 @@ if __name__ == "__main__":
         finetune(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     elif sys.argv[1] == "tiny-encoder":
         tiny_encoder(Path(sys.argv[2]))
+    elif sys.argv[1] == "index":
+        index(Path(sys.argv[2]))
     elif sys.argv[1] == "classify":
         sys.exit(classify(int(sys.argv[2]), sys.argv[3:]))
     elif sys.argv[1] == "build":

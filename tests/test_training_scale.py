@@ -132,6 +132,44 @@ def test_a_two_process_search_build_fine_tunes_data_parallel_and_serves(tmp_path
     assert bundle.manifest["bundle_version"] == manifest["bundle_version"]
 
 
+def test_index_shares_merge_into_the_index_one_process_adds():
+    import faiss
+
+    from training.bundle_writer import merge_shards, shard_codes
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    trained = faiss.index_factory(16, "IVF64,PQ8x4fs", faiss.METRIC_INNER_PRODUCT)
+    trained.train(x[:4000])
+    blob = faiss.serialize_index(trained)
+    whole = faiss.deserialize_index(blob)
+    whole.add(x)
+    parts = [range(0, 2500), range(2500, 4001), range(4001, 6000)]
+    merged = merge_shards([shard_codes(blob, x, r) for r in parts], [r.start for r in parts])
+    assert merged.ntotal == whole.ntotal == 6000
+    for nprobe in (4, 64):  # some lists, and all of them: the same ids, codes and scores
+        whole.nprobe = merged.nprobe = nprobe
+        (d1, i1), (d2, i2) = whole.search(x[:300], 50), merged.search(x[:300], 50)
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+
+def test_two_ranks_add_their_shares_to_a_large_catalogs_ann_index(tmp_path):
+    import faiss
+
+    proc = _torchrun(2, [str(WORKER), "index", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = faiss.read_index(str(tmp_path / "index.faiss"))
+    x = np.load(tmp_path / "vectors.npy")
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert params["type"] == "ivf_pq_refine" and index.ntotal == 5000
+    faiss.extract_index_ivf(index).nprobe = params["nlist"]
+    faiss.downcast_index(index).k_factor = 16
+    found = index.search(x, 1)[1][:, 0]
+    # Every vector (rank 0's share and rank 1's, whose ids were shifted in the merge) finds itself.
+    assert (found == np.arange(5000)).mean() > 0.99
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 def test_a_build_killed_mid_training_resumes_to_the_same_model(tmp_path):

@@ -504,13 +504,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     if not (encoder_dir / "config.json").is_file():
         raise CatalogError(f"{encoder_dir}: not a Hugging Face model folder (no config.json)")
     if not D.from_env(device).main:
-        # A catalog-only build trains nothing; the other ranks encode their share of the catalog for rank 0.
+        # A catalog-only build trains nothing; the other ranks encode their share of the catalog for rank 0 (and
+        # add their share to a large catalog's ANN index).
         from common.encoding import TextEncoder
-        from training.bundle_writer import encode_catalog
+        from training.bundle_writer import follow_bundle
 
         encoder = TextEncoder(encoder_dir, device=device, dtype=resolve_dtype(device, args.dtype),
                               max_length=args.max_length)
-        encode_catalog(encoder, items.reset_index(drop=True), args.batch_size_encode)
+        follow_bundle(encoder, items, BuildOptions(encoder_dir=encoder_dir, batch_size=args.batch_size_encode))
         return 0
     opts = BuildOptions(encoder_dir=encoder_dir, name=args.name or args.catalog.stem, device=device,
                         dtype=resolve_dtype(device, args.dtype), batch_size=args.batch_size_encode,

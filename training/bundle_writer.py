@@ -33,6 +33,7 @@ from common.encoding import TextEncoder
 from common.suggest import CATALOG_WEIGHT, SUGGEST_FILE, build_table, load_blocklist
 from common.text import tokenize
 from kernels import FEATURE_NAMES, SIMILAR_FEATURE_NAMES
+from training import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def build_index(vectors: np.ndarray, flat_max_items: int = FLAT_MAX_ITEMS, targe
     train = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
     index = faiss.index_factory(d, f"IVF{nlist},PQ{d // 2}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
     index.train(np.ascontiguousarray(train, dtype=np.float32))
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    index = _add_sharded(index, np.ascontiguousarray(vectors, dtype=np.float32))
     q, measured_on = _tuning_queries(vectors, queries, seed)
     exact = faiss.IndexFlatIP(d)
     exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -256,11 +257,57 @@ def staged(out_dir: Path) -> Iterator[Path]:
         raise
 
 
+def shard_codes(trained_base: np.ndarray, vectors: np.ndarray, part: range) -> np.ndarray:
+    """The trained IVF-PQ index (serialized) with the rows `part` of vectors added (their ids 0..len(part)-1),
+    serialized: one rank's share of the index."""
+    base = faiss.deserialize_index(trained_base)
+    base.add(np.ascontiguousarray(vectors[part.start:part.stop], dtype=np.float32))
+    return faiss.serialize_index(base)
+
+
+def merge_shards(shards: list[np.ndarray], starts: list[int]) -> faiss.Index:
+    """One IVF-PQ index from the shares (in catalog order; share k's ids shifted by starts[k]): the same lists
+    and codes as adding every vector to one index."""
+    base = faiss.deserialize_index(shards[0])
+    for shard, start in zip(shards[1:], starts[1:]):
+        base.merge_from(faiss.deserialize_index(shard), start)
+    return base
+
+
+def _add_sharded(index: faiss.Index, vectors: np.ndarray) -> faiss.Index:
+    """Add the catalog to a trained IVF-PQ + exact re-scoring index (rank 0). Data-parallel, the ranks compute
+    the coarse assignment and PQ codes of their shares (the part that grows with the catalog; index_share on the
+    other ranks) and rank 0 merges them; the re-scoring table is the merged vectors themselves."""
+    d = D.current()
+    if not d.enabled:
+        index.add(vectors)
+        return index
+    trained = faiss.serialize_index(faiss.downcast_index(index).base_index)
+    D.agree(trained, patient=True)  # the other ranks wait here while rank 0 trains the quantizers
+    shards = D.gather_objects(shard_codes(trained, vectors, D.shard_range(len(vectors))))
+    starts = [len(vectors) * k // d.world for k in range(d.world)]
+    return faiss.IndexRefineFlat(merge_shards(shards, starts), faiss.swig_ptr(vectors))
+
+
+def index_share(vectors: np.ndarray, flat_max_items: int = FLAT_MAX_ITEMS) -> None:
+    """A data-parallel rank other than 0: its share of build_index's additions (nothing for a flat index)."""
+    if not D.current().enabled or len(vectors) <= flat_max_items:
+        return
+    trained = D.agree(None, patient=True)
+    D.gather_objects(shard_codes(trained, vectors, D.shard_range(len(vectors))))
+
+
+def follow_bundle(encoder: TextEncoder, items: pd.DataFrame, opts: BuildOptions) -> np.ndarray:
+    """A data-parallel rank other than 0: its part of write_bundle (a share of the catalog encoding and of the ANN
+    index); returns the whole catalog's vectors."""
+    vectors = encode_catalog(encoder, items.reset_index(drop=True), opts.batch_size)
+    index_share(vectors, opts.flat_max_items)
+    return vectors
+
+
 def encode_catalog(encoder: TextEncoder, items: pd.DataFrame, batch_size: int) -> np.ndarray:
     """Every item's passage vector. In a data-parallel build each rank encodes its contiguous share of the
     catalog and the shares are gathered in order, so every rank ends with the whole matrix."""
-    from training import distributed as D
-
     passages = items.apply(passage_text, axis=1).tolist()
     part = D.shard_range(len(passages))
     mine = passages[part.start:part.stop]

@@ -39,8 +39,8 @@ from kernels import FEATURE_NAMES
 from kernels import features as K
 from training import data as D
 from training import distributed as dist
-from training.bundle_writer import (BuildOptions, build_lexical, encode_catalog, passage_text, seal, similar_spec,
-                                   write_bundle)
+from training.bundle_writer import (BuildOptions, build_lexical, encode_catalog, follow_bundle, passage_text, seal,
+                                   similar_spec, write_bundle)
 from training.finetune import DevSet, FinetuneConfig, finetune_encoder
 from training.reranker import TREES_FILE, StageSearcher, export_lightgbm, labels_for, train_lambdamart
 from training.tracking import NULL
@@ -226,10 +226,10 @@ class Pipeline:
     def stage(self) -> dict:
         items, judgments = self.load_prepared()
         encoder_dir = self.cfg.work / f"encoder_{self.cfg.finetune.method}"
-        if not dist.current().main:  # its share of the catalog encoding inside write_bundle; rank 0 writes the rest
+        if not dist.current().main:  # its shares of write_bundle's encoding and ANN index; rank 0 writes the rest
             enc = TextEncoder(encoder_dir, device=self.cfg.device, dtype=self.cfg.dtype,
                               max_length=BuildOptions.max_length)
-            encode_catalog(enc, items.reset_index(drop=True), 64)
+            follow_bundle(enc, items, BuildOptions(encoder_dir=encoder_dir, batch_size=64))
             return {}
         stage = self.cfg.work / "stage"
         if stage.exists():

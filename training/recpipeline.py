@@ -19,7 +19,7 @@ from common.bundle_format import sha256_file
 from common.eventlog import feedback_events
 from training.behaviour import Behaviour, add_events, load_beauty, load_interactions_csv, load_seqfile, prepare_online_retail
 from common.encoding import TextEncoder
-from training.bundle_writer import BuildOptions, encode_catalog, seal, write_bundle
+from training.bundle_writer import BuildOptions, follow_bundle, seal, write_bundle
 from training.catalog import load_catalog
 from training.data import DataError
 from training.recbuild import build_recommender
@@ -73,9 +73,9 @@ def prepare_input(dataset: str | None, data_dir: Path, path: Path | None, catalo
 
 def follow(inp: BehaviourInput, opts: BuildOptions, cfg: SeqRecConfig, checkpoint: Path | None) -> None:
     """A data-parallel rank other than 0: the same collective steps as `build` (encode a share of the catalog,
-    train), writing nothing."""
+    add a share to a large catalog's ANN index, train), writing nothing."""
     encoder = TextEncoder(opts.encoder_dir, device=opts.device, dtype=opts.dtype, max_length=opts.max_length)
-    vectors = encode_catalog(encoder, inp.behaviour.items.reset_index(drop=True), opts.batch_size)
+    vectors = follow_bundle(encoder, inp.behaviour.items, opts)
     build_recommender(None, inp.behaviour, inp.split, inp.cutoff, cfg, vectors, inp.use_text, checkpoint=checkpoint)
 
 
