@@ -118,3 +118,19 @@ def bench_bundle() -> Path:
         if (p / "manifest.json").is_file():
             return p
     raise SystemExit("no bundle: set SEARCHREC_BENCH_BUNDLE or build bundles/homedepot (or bundles/sample)")
+
+
+def run_processes(n: int, script: Path, argv: list[str], out: Path) -> dict:
+    """Run a benchmark's worker (`script argv`) as n data-parallel processes under torchrun (one: plain python);
+    its rank 0 writes JSON to out, returned with the whole run's wall time as process_wall_s."""
+    import subprocess
+
+    cmd = [str(script), *argv]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] if n > 1 else []),
+           *cmd]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    res = json.loads(Path(out).read_text())
+    res["process_wall_s"] = round(time.perf_counter() - t0, 1)
+    return res

@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchutil import run_processes  # noqa: E402
 
 
 def prepare(data_dir: Path, out: Path, seed: int) -> dict:
@@ -97,16 +98,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(n: int, args: argparse.Namespace, inputs: Path, out: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-out", str(out), "--inputs", str(inputs),
-           "--steps", str(args.steps), "--seed", str(args.seed), "--json", "-"]
-    if n > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *cmd[1:]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
-    res = json.loads(out.read_text())
-    res["process_wall_s"] = round(time.perf_counter() - t0, 1)
-    return res
+    return run_processes(n, Path(__file__).resolve(), ["--worker-out", str(out), "--inputs", str(inputs), "--steps",
+                                                       str(args.steps), "--seed", str(args.seed), "--json", "-"], out)
 
 
 def main() -> int:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchutil import run_processes  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -51,16 +52,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(n: int, args: argparse.Namespace, out: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-out", str(out), "--epochs", str(args.epochs),
-           "--data-dir", str(args.data_dir), "--seed", str(args.seed), "--json", "-"]
-    if n > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *cmd[1:]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
-    res = json.loads(out.read_text())
-    res["process_wall_s"] = round(time.perf_counter() - t0, 1)
-    return res
+    return run_processes(n, Path(__file__).resolve(), ["--worker-out", str(out), "--epochs", str(args.epochs),
+                                                       "--data-dir", str(args.data_dir), "--seed", str(args.seed),
+                                                       "--json", "-"], out)
 
 
 def time_to(history: list[dict], target: float) -> float | None:

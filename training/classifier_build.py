@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from common.bundle_format import MANIFEST, SCHEMA_VERSION, checksum_tree
 from common.classifier import MAX_LENGTH, Classifier, DenseClassifier, logits_of
+from training import checkpoint as ckpt
 from training import distributed as D
 from training.classify import (CLASSIFIER_DIR, SparseModel, Taxonomy, autofill_threshold, ece, file_fingerprint,
                                fit_temperature, read_catalog, scores, seed_everything, softmax, split_of,
@@ -72,11 +72,16 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
     rng = np.random.default_rng(seed)  # the same stream on every rank: the same batches everywhere
     best, best_acc, history, step, first_epoch, spent = None, -1.0, [], 0, 0, 0.0
     fingerprint = _fingerprint(texts, y, n_classes, epochs, batch, seed, bf16, d.world) if checkpoint else ""
-    resumed = _load_checkpoint(checkpoint, fingerprint, model, opt, sched) if checkpoint else None
+    # Rank 0's weights reach the other ranks when DistributedDataParallel wraps the model; only rank 0 saves the best.
+    resumed = ckpt.load(checkpoint, fingerprint, local=("model", "best")) if checkpoint else None
     if resumed is not None:
+        if d.main:
+            model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["opt"])
+        sched.load_state_dict(resumed["sched"])
         rng.bit_generator.state = resumed["rng"]
         plan["total"], step, first_epoch, spent = resumed["plan_total"], resumed["step"], resumed["epoch"], resumed["elapsed"]
-        best, best_acc, history = resumed["best"], resumed["best_acc"], resumed["history"]
+        best, best_acc, history = resumed.get("best"), resumed["best_acc"], resumed["history"]
         log.info("classifier: resumes after epoch %d (checkpoint %s)", first_epoch, checkpoint)
     net: torch.nn.Module = model
     if d.enabled:
@@ -144,10 +149,14 @@ def train_dense(encoder_dir: Path, texts: list[str], y: np.ndarray, n_classes: i
         if out_of_time:
             break
         if checkpoint is not None and epoch + 1 < epochs:
-            _save_checkpoint(checkpoint, fingerprint, model, opt, sched, {
-                "rng": rng.bit_generator.state, "plan_total": plan["total"], "step": step, "epoch": epoch + 1,
-                "elapsed": D.agree(time.perf_counter() - started), "best": best, "best_acc": best_acc,
-                "history": history})
+            elapsed = D.agree(time.perf_counter() - started)
+            torch_rng = D.gather_objects(torch.get_rng_state())  # each rank resumes its own dropout stream
+            if d.main:
+                ckpt.save(checkpoint, {
+                    "fingerprint": fingerprint, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "torch_rng": torch_rng, "rng": rng.bit_generator.state,
+                    "plan_total": plan["total"], "step": step, "epoch": epoch + 1, "elapsed": elapsed, "best": best,
+                    "best_acc": best_acc, "history": history})
     del net  # the DistributedDataParallel wrapper holds collective state; gone before the group is
     if best is not None:  # (ranks other than 0 that resumed hold no best state; only rank 0's is saved)
         model.load_state_dict(best)
@@ -165,37 +174,6 @@ def _fingerprint(texts: list[str], y: np.ndarray, n_classes: int, epochs: int, b
     h.update("\n".join(texts).encode())
     h.update(np.asarray(y, np.int64).tobytes())
     return h.hexdigest()
-
-
-def _save_checkpoint(path: Path, fingerprint: str, model, opt, sched, state: dict) -> None:
-    """After an epoch: rank 0 writes what the loop needs to go on (every rank's dropout rng gathered)."""
-    torch_rng = D.gather_objects(torch.get_rng_state())
-    if not D.current().main:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "torch_rng": torch_rng, **state}, tmp)
-    os.replace(tmp, path)  # a kill while writing leaves the previous checkpoint whole
-
-
-def _load_checkpoint(path: Path, fingerprint: str, model, opt, sched) -> dict | None:
-    """Rank 0's checkpoint restored on every rank (None: none, or one of other data or settings)."""
-    state = None
-    if D.current().main and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != fingerprint:
-            log.warning("%s was written for other data or settings: the classifier trains from the start", path)
-            state = None
-    shared = D.agree(None if state is None else {k: v for k, v in state.items() if k not in ("model", "best")},
-                     patient=True)
-    if shared is None:
-        return None
-    shared["best"] = state["best"] if state is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-    opt.load_state_dict(shared["opt"])
-    sched.load_state_dict(shared["sched"])
-    return shared
 
 
 def dev_accuracy(model: DenseClassifier, tok, texts: list[str], y: np.ndarray, bf16: bool) -> float:

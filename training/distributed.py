@@ -219,11 +219,7 @@ def shard_range(n: int, d: Dist | None = None) -> range:
 def gather_rows(part: np.ndarray, d: Dist | None = None) -> np.ndarray:
     """Every rank's rows, concatenated in rank order (the inverse of shard_range)."""
     d = d or _current
-    if not d.enabled:
-        return part
-    parts: list[Any] = [None] * d.world
-    dist.all_gather_object(parts, part)
-    return np.concatenate(parts, axis=0)
+    return np.concatenate(gather_objects(part, d), axis=0) if d.enabled else part
 
 
 def barrier(d: Dist | None = None) -> None:

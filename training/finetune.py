@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from common.cpu import cpu_supports_bf16
+from training import checkpoint as ckpt
 from training import distributed as D
 from training.metrics import ndcg_at
 
@@ -263,7 +263,14 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
 
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     fingerprint = _fingerprint(cfg, d.world, len(texts), pairs)
-    resumed = load_checkpoint(checkpoint, fingerprint, model, optimizer, sched, rng) if checkpoint else None
+    # Rank 0's weights reach the other ranks when DistributedDataParallel wraps the model; only rank 0 saves the best.
+    resumed = ckpt.load(checkpoint, fingerprint, local=("model", "best_state")) if checkpoint else None
+    if resumed is not None:
+        if d.main:
+            model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["sched"])
+        rng.setstate(resumed["rng"])
     net: torch.nn.Module = PairEncoder(model)
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -274,7 +281,7 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
         torch.manual_seed(cfg.seed * 1000 + d.rank + 1)  # dropout: each rank its own masks
     first = 0
     if resumed is not None:
-        first, best, best_state, bad_evals = resumed["step"], resumed["best"], resumed["best_state"], resumed["bad_evals"]
+        first, best, best_state, bad_evals = resumed["step"], resumed["best"], resumed.get("best_state"), resumed["bad_evals"]
         report.history, report.best_step = [tuple(h) for h in resumed["history"]], resumed["best_step"]
         report.dev_ndcg_start, clock["elapsed"] = resumed["dev_ndcg_start"], resumed["elapsed"]
         torch.set_rng_state(resumed["torch_rng"][d.rank])
@@ -354,10 +361,14 @@ def finetune_encoder(base_dir: Path, texts: list[str], pairs: list[tuple[str, in
                     report.stopped = f"early stop at step {step}: no dev gain in {bad_evals} evaluations"
                     break
             if checkpoint is not None and not out_of_time and step < total:
-                save_checkpoint(checkpoint, fingerprint, model, optimizer, sched, rng, {
-                    "step": step, "best": best, "best_state": best_state, "bad_evals": bad_evals,
-                    "history": report.history, "best_step": report.best_step,
-                    "dev_ndcg_start": report.dev_ndcg_start, "elapsed": clock["elapsed"]})
+                torch_rng = D.gather_objects(torch.get_rng_state())  # each rank resumes its own dropout stream
+                if d.main:
+                    ckpt.save(checkpoint, {
+                        "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "sched": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch_rng, "step": step,
+                        "best": best, "best_state": best_state, "bad_evals": bad_evals, "history": report.history,
+                        "best_step": report.best_step, "dev_ndcg_start": report.dev_ndcg_start,
+                        "elapsed": clock["elapsed"]})
         if out_of_time:
             report.stopped = f"time budget of {cfg.max_minutes} min reached at step {step}"
             break
@@ -388,40 +399,3 @@ def _fingerprint(cfg: FinetuneConfig, world: int, n_texts: int, pairs: list[tupl
     for q, r in pairs:
         h.update(f"{q}\t{r}\n".encode())
     return h.hexdigest()
-
-
-def save_checkpoint(path: Path, fingerprint: str, model, optimizer, sched, rng: random.Random, state: dict) -> None:
-    """After a dev evaluation: everything the loop needs to go on from this step (rank 0 writes; every rank's
-    dropout generator state is gathered so that each resumes its own)."""
-    torch_rng = D.gather_objects(torch.get_rng_state())
-    if not D.current().main:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "sched": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch_rng, **state}, tmp)
-    os.replace(tmp, path)  # a kill while writing leaves the previous checkpoint whole
-
-
-def load_checkpoint(path: Path, fingerprint: str, model, optimizer, sched, rng: random.Random) -> dict | None:
-    """Restore the loop's state from rank 0's checkpoint into every rank (None: none, or one of other settings)."""
-    state = None
-    if D.current().main and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != fingerprint:
-            log.warning("%s was written with other settings or data: fine-tuning starts over", path)
-            state = None
-    # The other ranks need the optimiser's moments and the loop's counters, not the weights (the wrapper copies
-    # rank 0's) or the best state (rank 0 alone saves it).
-    shared = D.agree(None if state is None else {k: v for k, v in state.items() if k not in ("model", "best_state")},
-                     patient=True)
-    if shared is None:
-        return None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        shared["best_state"] = state["best_state"]
-    else:
-        shared["best_state"] = None
-    optimizer.load_state_dict(shared["optimizer"])
-    sched.load_state_dict(shared["sched"])
-    rng.setstate(shared["rng"])
-    return shared

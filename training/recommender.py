@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from common.seqrec import SeqRec, left_pad
+from training import checkpoint as ckpt
 from training import distributed as D
 from training.tracking import NULL, Tracker
 
@@ -147,27 +147,6 @@ def _fingerprint(split: SeqSplit, cfg: SeqRecConfig, users: list[int], world: in
     return h.hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint, never half of one
-
-
-def _load_checkpoint(path: Path | None, fingerprint: str, d: D.Dist) -> dict | None:
-    """Rank 0 reads the checkpoint and broadcasts it, so ranks on other machines need no shared disk."""
-    state = None
-    if d.main and path is not None and path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a file from an older torch or a broken disk: start over, say so
-            log.warning("checkpoint %s unreadable (%s); starting from the beginning", path, exc)
-            state = None
-        if state is not None and state.get("fingerprint") != fingerprint:
-            log.warning("checkpoint %s is of other data or settings; starting from the beginning", path)
-            state = None
-    return D.agree(state, d)
-
-
 def train_seqrec(split: SeqSplit, cfg: SeqRecConfig, text: torch.Tensor | None = None,
                  attrs: torch.Tensor | None = None, n_attrs: int = 0,
                  exclude_seen: bool = True, *, train_users: list[int] | None = None,
@@ -204,7 +183,7 @@ def train_seqrec(split: SeqSplit, cfg: SeqRecConfig, text: torch.Tensor | None =
     val_hist = [split.train[u] for u in mine]
     val_targets = np.array([split.valid[u] for u in mine], dtype=np.int64)
     best, best_state, best_epoch, history, first_epoch, spent = -1.0, None, 0, [], 1, 0.0
-    resumed = _load_checkpoint(checkpoint, fingerprint, d)
+    resumed = ckpt.load(checkpoint, fingerprint)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["opt"])
@@ -273,7 +252,7 @@ def train_seqrec(split: SeqSplit, cfg: SeqRecConfig, text: torch.Tensor | None =
         if not stopped and out_of_time:
             stopped = "time_budget"
         if d.main and checkpoint is not None:
-            _save_checkpoint(checkpoint, {
+            ckpt.save(checkpoint, {
                 "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
                 "best": best, "best_epoch": best_epoch, "best_state": best_state, "history": history,
                 "spent_s": time.perf_counter() - started, "stopped": stopped})
