@@ -8,7 +8,8 @@ ann_1m_recall@100, ann_1m_speedup, kernel_speedup, startup_s (the encoder graph 
 restart), startup_first_s (the first start, which exports or traces it), served_qps_p99_50ms, rss_mb,
 overhead_ms (served p50 at one client minus one query in process), backend (the encoder engine served),
 served_qps_gain (served_qps_p99_50ms over the old defaults': torch encoder, batches waiting while a slot
-idles), served_qps_gain_fp32 (the same over the old defaults with the fp32 torch encoder) (plus every
+idles), served_qps_gain_fp32 (the same over the old defaults with the fp32 torch encoder),
+overhead_paired_ms (per call: the caller's latency minus the engine time the server reports for it) (plus every
 table under "details"). Each benchmark measures ours and its baseline in the same run.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
         "ann_n": details["ann"]["ann_n"], "kernel_speedup": details["kernels"]["kernel_speedup"],
         "startup_s": s["startup_s"], "startup_first_s": s["startup_first_s"], "served_qps_p99_50ms": s["served_qps_p99_50ms"], "rss_mb": s["rss_mb"],
         "overhead_ms": s["overhead_ms"], "backend": s["backend"], "served_qps_gain": s["served_qps_gain"],
-        "served_qps_gain_fp32": s["served_qps_gain_fp32"],
+        "served_qps_gain_fp32": s["served_qps_gain_fp32"], "overhead_paired_ms": s["overhead_paired_ms"],
     }
     out = {**headline, "quick": args.quick, "dtype": args.dtype, "served_dtype": s["served_dtype"], "bundle": str(bundle),
            "seconds": time.perf_counter() - started,
