@@ -20,6 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _load(spec: str) -> tuple[str, dict]:
+    """(label, serving_load result) of a LABEL=JSON argument (a run_all JSON: its details.serving)."""
+    label, path = spec.split("=", 1)
+    res = json.loads(Path(path).read_text())
+    return label, res.get("details", {}).get("serving", res)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+", help="LABEL=serving_load JSON (or a run_all JSON: its details.serving)")
@@ -31,9 +38,7 @@ def main() -> None:
         return
     fig, (ax_q, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
     for n, spec in enumerate(args.runs):
-        label, path = spec.split("=", 1)
-        res = json.loads(Path(path).read_text())
-        res = res.get("details", {}).get("serving", res)
+        label, res = _load(spec)
         rows = res["served"]["rows"]
         clients = [r["clients"] for r in rows]
         color = f"C{n}"
@@ -66,9 +71,7 @@ def tradeoff(runs: list[str], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ("o-", "s--", "^:")
     for n, spec in enumerate(runs):
-        label, path = spec.split("=", 1)
-        res = json.loads(Path(path).read_text())
-        res = res.get("details", {}).get("serving", res)
+        label, res = _load(spec)
         for m, (key, name) in enumerate(SWEEPS):
             if key not in res:
                 continue

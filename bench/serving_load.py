@@ -7,12 +7,12 @@ trace), a later one reads it (every later start).
 
 Keys: `overhead_ms` = served p50 at one client minus the in-process p50 of one query through the same
 engine (same bundle, same compute-thread layout, same run); `served_qps_p99_50ms` = the most q/s of the
-sweep whose p99 stays within 50 ms; `overhead_paired_ms` = the median over sequential calls of the caller's
-latency minus the engine time (encode + retrieve + rank) the server reports for the same call (immune to
-the host's speed drifting between the in-process and the served measurement); `served_qps_gain` = that figure over the old defaults' one (torch
+sweep whose p99 stays within 50 ms; `served_qps_gain` = that figure over the old defaults' one (torch
 encoder at its automatic precision: bf16 on a CPU with native bf16); `served_qps_gain_fp32` = the same over
 the old defaults with the fp32 torch encoder (the default the CPU-serving issue was filed against; on a CPU
-without native bf16 both are one sweep).
+without native bf16 both are one sweep); `overhead_paired_ms` = the median over sequential calls of the
+caller's latency minus the engine time (encode + retrieve + rank) the server reports for the same call
+(immune to the host's speed drifting between the in-process and the served measurement).
 
     python bench/serving_load.py [--bundle DIR] [--quick] [--dtype int8] [--server-args "--compute-workers 1"] [--json OUT]
 
@@ -199,7 +199,7 @@ def _measured(fn, server_pid: int) -> dict:
 
 
 def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), device: str = "cpu",
-           dtype: str = "auto") -> dict:
+           dtype: str = "auto", paired: bool = True) -> dict:
     import psutil
 
     from training.served import ServedBundle, pb
@@ -207,11 +207,11 @@ def served(bundle_dir: Path, qs: list[str], levels, seconds: float, extra=(), de
     with ServedBundle(bundle_dir, device=device, extra_args=("--dtype", dtype, *extra)) as srv:
         closed_loop(srv.stub, pb, qs, 4, 1.0)  # connections up, caches warm
         rows = [_measured(lambda: closed_loop(srv.stub, pb, qs, c, seconds), srv.proc.pid) for c in levels]
-        paired = paired_overhead(srv.stub, pb, qs, 300 if seconds < 10 else 1000)
+        over = paired_overhead(srv.stub, pb, qs, 300 if seconds < 10 else 1000) if paired else None
         rss = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
         info = srv.info()  # the precision the server resolved (auto differs between CPU kinds)
         return {"startup_s": srv.startup_s, "rss_mb": rss, "rows": rows, "served_dtype": info.dtype,
-                "backend": info.backend, "server_args": list(extra), "paired": paired}
+                "backend": info.backend, "server_args": list(extra), "paired": over}
 
 
 def best_under(rows: list[dict], p99_ms: float = 50.0) -> float:
@@ -241,7 +241,8 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
     old = served(bundle_dir, qs, levels, secs, extra=(*args, *OLD_DEFAULTS), device=device, dtype=dtype)
     old32 = (old if old["served_dtype"] == "float32" else  # a CPU without native bf16: the same server
              served(bundle_dir, qs, levels, secs, extra=(*args, *OLD_DEFAULTS_FP32), device=device, dtype=dtype))
-    off = served(bundle_dir, qs, (32,), secs, extra=(*args, "--max-batch-size", "1"), device=device, dtype=dtype)
+    off = served(bundle_dir, qs, (32,), secs, extra=(*args, "--max-batch-size", "1"), device=device, dtype=dtype,
+                 paired=False)
     shutil.rmtree(cache, ignore_errors=True)
     on32 = next(r for r in on["rows"] if r["clients"] == 32)
     on1 = next(r for r in on["rows"] if r["clients"] == 1)
@@ -265,21 +266,22 @@ def run(bundle_dir: Path, quick: bool = False, device: str = "cpu", dtype: str =
     }
 
 
+SERVED_COLUMNS = ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]
+
+
 def report(res: dict) -> str:
     lines = [f"encoder {res['backend']} {res['served_dtype']} (--dtype {res['dtype']})",
              f"in-process limit ({res['queries']} queries; encode + retrieve + rerank, no gRPC):",
              table(res["in_process"]["rows"], ["threads", "torch_threads", "batch", "queries_per_s", "ms_per_batch"]),
              "", "served, closed-loop gRPC Search clients (dynamic batching on):",
-             table(res["served"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]),
+             table(res["served"]["rows"], SERVED_COLUMNS),
              "", f"the same with the old defaults ({' '.join(res['old_defaults'])}: encoder "
              f"{res['served_old_defaults']['backend']} {res['served_old_defaults']['served_dtype']}):",
-             table(res["served_old_defaults"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors",
-                                                        "server_cpu", "client_cpu"]),
+             table(res["served_old_defaults"]["rows"], SERVED_COLUMNS),
              "", f"the old defaults with the fp32 encoder ({' '.join(OLD_DEFAULTS_FP32)}):",
-             table(res["served_old_fp32"]["rows"], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors",
-                                                    "server_cpu", "client_cpu"]),
+             table(res["served_old_fp32"]["rows"], SERVED_COLUMNS),
              "", "32 clients, batching off (max batch 1):",
-             table([res["unbatched_32"]], ["clients", "qps", "p50_ms", "p95_ms", "p99_ms", "errors", "server_cpu", "client_cpu"]), "",
+             table([res["unbatched_32"]], SERVED_COLUMNS), "",
              f"one query in process: p50 {res['inprocess_p50_1_ms']:.2f} ms; served at one client p50 "
              f"{res['served_p50_1_ms']:.2f} ms: overhead_ms {res['overhead_ms']:.2f}; paired, per call (caller's "
              f"latency minus the engine time the server reports for it, one caller): {res['overhead_paired_ms']:.2f} ms "
